@@ -1,0 +1,145 @@
+"""An exact test bed: Gaussian mixtures stay Gaussian mixtures under every linear forward SDE.
+
+If ``x_0 ~ sum_k w_k N(mu_k, diag(s_k^2))`` and ``x_t = alpha(t) x_0 + sigma(t) eps``, then
+
+    p_t(x) = sum_k w_k N(x; alpha mu_k, diag(alpha^2 s_k^2 + sigma^2)),
+    grad log p_t(x) = sum_k r_k(x) (alpha mu_k - x) / (alpha^2 s_k^2 + sigma^2),
+
+with ``r_k(x)`` the posterior weight of component ``k``. These give exact log-densities and scores
+at every ``t``: the ground truth of sdediff's tests, examples and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+from .sdes import SDE
+
+
+class GaussianMixture:
+    """``sum_k w_k N(mu_k, diag(s_k^2))`` on ``event_shape`` (vectors or any tensor shape).
+
+    ``weights: (K,)`` (normalized here), ``means: (K, *event_shape)``, ``stds``: ``(K, *event_shape)``,
+    ``(K,)`` (isotropic per component) or a float. Computations run in the dtype and device of the
+    query; parameters are stored in float64.
+    """
+
+    def __init__(self, weights, means, stds):
+        means = torch.as_tensor(means, dtype=torch.float64)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if means.dim() < 2:
+            raise ValueError(f"means must have shape (K, *event_shape), got {tuple(means.shape)}")
+        K = means.shape[0]
+        if weights.shape != (K,) or not bool((weights > 0).all()):
+            raise ValueError(f"weights must be {K} positive numbers, got shape {tuple(weights.shape)}")
+        stds = torch.as_tensor(stds, dtype=torch.float64)
+        if stds.dim() == 1 and stds.shape[0] == K:
+            stds = stds.reshape((K,) + (1,) * (means.dim() - 1))
+        try:
+            stds = torch.broadcast_to(stds, means.shape).clone()
+        except RuntimeError:
+            raise ValueError(f"stds of shape {tuple(stds.shape)} do not match means {tuple(means.shape)}") from None
+        if not bool((stds > 0).all()):
+            raise ValueError("stds must be positive")
+        self.weights = weights / weights.sum()
+        self.means = means
+        self.stds = stds
+        self.event_shape = tuple(means.shape[1:])
+        self.dim = int(means[0].numel())
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    def _params(self, like: torch.Tensor):
+        p = dict(dtype=like.dtype, device=like.device)
+        K = self.num_components
+        return self.weights.to(**p).log(), self.means.reshape(K, -1).to(**p), self.stds.reshape(K, -1).to(**p)
+
+    def sample(self, n: int, *, generator=None, dtype=torch.float64, device=None, return_labels: bool = False):
+        """``n`` exact draws ``(n, *event_shape)`` (and their component labels ``(n,)`` if asked)."""
+        n = _checks.positive_int("n", n)
+        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        z = torch.randn((n, self.dim), generator=generator, dtype=torch.float64)
+        K = self.num_components
+        x = self.means.reshape(K, -1)[labels] + self.stds.reshape(K, -1)[labels] * z
+        x = x.reshape((n,) + self.event_shape).to(dtype=dtype, device=device)
+        return (x, labels.to(device)) if return_labels else x
+
+    def _component_terms(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
+        """Per-component log-densities ``(batch, K)`` and ``(alpha mu_k - x) / var_k`` ``(batch, K, d)``."""
+        log_w, mu, s = self._params(x)
+        xf = x.reshape(x.shape[0], 1, -1)
+        a = alpha.reshape(-1, 1, 1)
+        var = a**2 * s**2 + sigma.reshape(-1, 1, 1) ** 2
+        diff = a * mu - xf
+        log_comp = log_w - 0.5 * ((diff**2 / var) + torch.log(2.0 * math.pi * var)).sum(-1)
+        return log_comp, diff / var
+
+    def _coefficients(self, sde: SDE | None, x: torch.Tensor, t):
+        if sde is None:
+            one = torch.ones((), dtype=x.dtype, device=x.device)
+            return one, torch.zeros_like(one)
+        return sde._alpha_sigma(sde._time(t, x))
+
+    def _check_x(self, x):
+        x = _checks.batched("x", x)
+        if tuple(x.shape[1:]) != self.event_shape:
+            raise ValueError(f"x must have shape (batch, *{self.event_shape}), got {tuple(x.shape)}")
+        return x
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p_0(x)``, shape ``(batch,)``."""
+        x = self._check_x(x)
+        log_comp, _ = self._component_terms(x, *self._coefficients(None, x, None))
+        return torch.logsumexp(log_comp, 1)
+
+    def marginal_log_prob(self, sde: SDE, x: torch.Tensor, t) -> torch.Tensor:
+        """``log p_t(x)`` under the forward ``sde``, shape ``(batch,)``."""
+        x = self._check_x(x)
+        log_comp, _ = self._component_terms(x, *self._coefficients(sde, x, t))
+        return torch.logsumexp(log_comp, 1)
+
+    def marginal_score(self, sde: SDE, x: torch.Tensor, t) -> torch.Tensor:
+        """``grad_x log p_t(x)`` under the forward ``sde``, shape of ``x``."""
+        x = self._check_x(x)
+        return self._score(x, *self._coefficients(sde, x, t))
+
+    def _score(self, x, alpha, sigma):
+        log_comp, pull = self._component_terms(x, alpha, sigma)
+        resp = torch.softmax(log_comp, 1).unsqueeze(-1)
+        return (resp * pull).sum(1).reshape(x.shape)
+
+    def score_fn(self, sde: SDE):
+        """The exact ``score_fn(x, t)`` of the mixture diffused by ``sde`` (``t: (batch,)``, unvalidated)."""
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+
+        def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return self._score(x, *sde._alpha_sigma(t))
+
+        return score_fn
+
+    def diffused(self, sde: SDE, t: float) -> "GaussianMixture":
+        """The mixture ``p_t`` at one time ``t``: means ``alpha mu_k``, stds ``sqrt(alpha^2 s_k^2 + sigma^2)``."""
+        alpha, sigma = (c.item() for c in sde.marginal(float(t)))
+        return GaussianMixture(self.weights, alpha * self.means, torch.sqrt(alpha**2 * self.stds**2 + sigma**2))
+
+    def mean(self) -> torch.Tensor:
+        """Mixture mean, ``event_shape``."""
+        return torch.einsum("k,k...->...", self.weights, self.means)
+
+    def covariance(self) -> torch.Tensor:
+        """Mixture covariance over the flattened event, ``(d, d)``."""
+        K = self.num_components
+        mu = self.means.reshape(K, -1)
+        m = self.weights @ mu
+        c = mu - m
+        within = torch.diag(self.weights @ self.stds.reshape(K, -1) ** 2)
+        return within + (self.weights[:, None] * c).T @ c
+
+    def __repr__(self):
+        return f"GaussianMixture(K={self.num_components}, event_shape={self.event_shape})"

@@ -1,0 +1,86 @@
+"""The reverse-time processes of a forward SDE, built from a score function.
+
+For ``dx = f(x, t) dt + g(t) dW`` with marginals ``p_t`` and any ``s >= 0``, the process
+
+    dx = [f(x, t) - (1 + s^2)/2 g(t)^2 score(x, t)] dt + s g(t) dW̄,   t from T down to 0,
+
+has the same marginals ``p_t`` (``s = 1``: Anderson's reverse SDE; ``s = 0``: the
+probability-flow ODE; values between interpolate, as DDIM's ``eta`` does in discrete time).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .sdes import SDE, bcast
+
+
+class ReverseProcess:
+    """``dx = drift(x, t) dt + diffusion(t) dW̄`` integrated backwards in ``t``.
+
+    Usable unchanged by:
+
+    * sdediff's solvers and loops, through :meth:`drift` and :meth:`diffusion`;
+    * torchdiffeq, as ``func(t, y)``: ``odeint(sde.probability_flow(score_fn), x, t_decreasing)``;
+    * torchsde, through ``f``, ``g``, ``noise_type = "diagonal"``, ``sde_type``, in the elapsed
+      reverse time ``tau = T - t`` (torchsde needs increasing times) and on flat states
+      ``(batch, d)`` (set ``event_shape`` to reshape them for ``score_fn``).
+
+    Additive noise makes Itô and Stratonovich coincide, so ``sde_type`` may be set to either to
+    suit a torchsde method. Methods here do not validate ``t`` (they sit inside integration loops).
+    """
+
+    noise_type = "diagonal"
+
+    def __init__(self, sde: SDE, score_fn, stochasticity: float = 1.0, *, event_shape=None, sde_type: str = "ito"):
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+        self.sde = sde
+        self.score_fn = _checks.callable_("score_fn", score_fn)
+        self.stochasticity = _checks.real("stochasticity", stochasticity, low=0.0)
+        if sde_type not in ("ito", "stratonovich"):
+            raise ValueError(f"sde_type must be 'ito' or 'stratonovich', got {sde_type!r}")
+        self.sde_type = sde_type
+        self.event_shape = None if event_shape is None else tuple(event_shape)
+        self._score_weight = 0.5 * (1.0 + self.stochasticity**2)
+
+    @property
+    def T(self) -> float:
+        return self.sde.T
+
+    def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``score_fn(x, t)`` with ``t`` broadcast to ``(batch,)`` and its shape checked."""
+        t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        score = self.score_fn(x, t)
+        if not isinstance(score, torch.Tensor) or score.shape != x.shape:
+            got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            raise ValueError(f"score_fn must return a tensor of the shape of x {tuple(x.shape)}, got {got}")
+        return score
+
+    def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``f(x, t) - (1 + s^2)/2 g(t)^2 score(x, t)``; ``x: (batch, *dims)``, ``t``: 0-d or ``(batch,)``."""
+        score = self.score(x, t)
+        f, g2 = self.sde._drift_coef(t), self.sde._g2(t)
+        return bcast(f, x) * x - bcast(self._score_weight * g2, x) * score
+
+    def diffusion(self, t: torch.Tensor) -> torch.Tensor:
+        """``s g(t)``, shape of ``t``."""
+        return self.stochasticity * torch.sqrt(self.sde._g2(t))
+
+    # torchdiffeq: dy/dt = func(t, y)
+    def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.drift(y, t)
+
+    # torchsde: dy = f(tau, y) dtau + g(tau, y) dW_tau with tau = T - t
+    def _unflatten(self, y):
+        return y if self.event_shape is None else y.reshape(y.shape[0], *self.event_shape)
+
+    def f(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -self.drift(self._unflatten(y), self.T - tau).reshape(y.shape)
+
+    def g(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return bcast(self.diffusion(self.T - tau), y).expand(y.shape)
+
+    def __repr__(self):
+        return f"ReverseProcess({self.sde!r}, stochasticity={self.stochasticity})"

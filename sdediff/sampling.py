@@ -1,0 +1,105 @@
+"""Public sampling loops: the probability-flow ODE and the reverse-time SDE, from ``t_start`` down to ``t_end``."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .grids import time_grid
+from .integrate import NonFiniteError, Solution, integrate
+from .reverse import ReverseProcess
+from .sdes import SDE, bcast
+from .solvers.base import get_solver
+from .terms import ODETerm, SDETerm
+
+DEFAULT_ODE_STEPS = 50
+DEFAULT_SDE_STEPS = 1000
+DEFAULT_T_END = 1e-3
+
+
+class _ScoreMonitor:
+    """Remembers, on the device, whether ``score_fn`` ever returned a non-finite value."""
+
+    def __init__(self, score_fn):
+        self.score_fn, self.nonfinite = score_fn, None
+
+    def __call__(self, x, t):
+        score = self.score_fn(x, t)
+        if isinstance(score, torch.Tensor):
+            bad = ~torch.isfinite(score).all()
+            self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+        return score
+
+
+def _prepare(score_fn, sde, x, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdediff SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde).__name__}")
+    _checks.callable_("score_fn", score_fn)
+    if isinstance(x, (tuple, list, torch.Size)):
+        x = sde.prior_sample(tuple(x), generator=generator, device=device, dtype=dtype)
+    x = _checks.batched("x", x)
+    if isinstance(grid, torch.Tensor):
+        if t_start is not None or t_end is not None:
+            raise ValueError("t_start and t_end are set by the grid tensor; do not pass them with it")
+    else:
+        steps = default_steps if steps is None else steps
+        t_end = DEFAULT_T_END if t_end is None else t_end
+    ts = time_grid(sde, steps, grid=grid, t_start=t_start, t_end=t_end, dtype=x.dtype, device=x.device)
+    return x, ts, _ScoreMonitor(score_fn)
+
+
+def _run(term, x, ts, monitor: _ScoreMonitor, **kwargs) -> Solution:
+    try:
+        return integrate(term, x, ts, **kwargs)
+    except NonFiniteError as err:
+        if monitor.nonfinite is not None and bool(monitor.nonfinite):
+            raise NonFiniteError(f"{err}: score_fn returned non-finite values") from None
+        raise
+
+
+def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver="heun", t_start: float | None = None,
+               t_end: float | None = None, grid="uniform", rtol: float = 1e-5, atol: float = 1e-5,
+               return_trajectory: bool = False, progress: bool = False, generator=None, device=None,
+               dtype=None) -> Solution:
+    """Integrate the probability-flow ODE ``dx/dt = f(x, t) - 1/2 g(t)^2 score_fn(x, t)``.
+
+    ``x: (batch, *dims)`` is a draw from the marginal at ``t_start`` (default ``sde.T``, where it is
+    the prior), or a shape, in which case it is drawn from ``sde.prior_sample`` with ``generator``,
+    ``device`` and ``dtype``. Integrates down to ``t_end`` (default 1e-3) in ``steps`` steps
+    (default 50) of the grid ``grid`` (see :func:`sdediff.time_grid`) with ``solver`` (a name from
+    ``available_solvers("ode")`` or an instance). Adaptive solvers (``"dopri5"``, ...) use
+    ``rtol``/``atol`` and visit the grid only when ``return_trajectory`` is set.
+
+    Returns a :class:`Solution`: ``.x`` the samples, ``.nfe`` the number of score evaluations,
+    ``.ts`` the grid and ``.xs`` the trajectory ``(len(ts), batch, *dims)`` if asked for.
+    """
+    solver = get_solver(solver, "ode")
+    x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_ODE_STEPS, t_start, t_end, grid, generator, device, dtype)
+    if solver.adaptive and not return_trajectory:
+        ts = ts[[0, -1]]
+    flow = ReverseProcess(sde, monitor, 0.0)
+    return _run(ODETerm(flow.drift), x, ts, monitor, solver=solver, rtol=rtol, atol=atol,
+                return_trajectory=return_trajectory, progress=progress)
+
+
+def sample_sde(score_fn, sde: SDE, x, *, steps: int | None = None, solver="euler_maruyama",
+               stochasticity: float = 1.0, t_start: float | None = None, t_end: float | None = None,
+               grid="uniform", generator=None, brownian=None, noise_free_last_step: bool = True,
+               return_trajectory: bool = False, progress: bool = False, device=None, dtype=None) -> Solution:
+    """Integrate the reverse-time SDE ``dx = [f - (1+s^2)/2 g^2 score] dt + s g dW̄`` (s = ``stochasticity``).
+
+    ``s = 1`` is Anderson's reverse SDE, ``0 < s < 1`` keeps the same marginals with less noise.
+    Arguments as in :func:`sample_ode`, with ``steps`` defaulting to 1000 and ``solver`` a name
+    from ``available_solvers("sde")``. Noise is drawn from ``generator`` (on the device of ``x``),
+    or replayed from ``brownian(t0, t1) -> dW`` (variance ``|t1 - t0|``). With
+    ``noise_free_last_step`` (default, as score_sde) the final step adds no noise: it returns the
+    mean of the last update.
+    """
+    solver = get_solver(solver, "sde")
+    x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_SDE_STEPS, t_start, t_end, grid, generator, device, dtype)
+    process = ReverseProcess(sde, monitor, stochasticity)
+    if brownian is not None and not callable(brownian):
+        raise TypeError(f"brownian must be callable (t0, t1) -> dW, got {type(brownian).__name__}")
+    term = SDETerm(process.drift, lambda x_, t: bcast(process.diffusion(t), x_), additive=True)
+    return _run(term, x, ts, monitor, solver=solver, brownian=brownian, generator=generator,
+                noise_free_last_step=noise_free_last_step, return_trajectory=return_trajectory, progress=progress)

@@ -1,0 +1,181 @@
+"""Noise schedules of variance-preserving processes: ``beta(t)`` and ``log alpha(t)`` in one object.
+
+A schedule fixes the signal coefficient ``alpha(t) = exp(-1/2 int_0^t beta(s) ds)`` of the VP and
+sub-VP SDEs. Each schedule gives ``beta(t)``, ``log_alpha(t)`` and its inverse
+``t_from_log_alpha``, all in closed form (or exact piecewise-linear form for discrete schedules),
+so log-SNR grids and exponential integrators never need a root finder.
+
+Methods here do not validate ``t``; the SDEs that own a schedule do.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _checks
+
+
+class Schedule:
+    """Base class. ``T`` is the largest time at which the schedule is used."""
+
+    T: float = 1.0
+
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def t_from_log_alpha(self, log_alpha: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def discrete_alphas_cumprod(self, n: int) -> torch.Tensor:
+        """``alphas_cumprod`` of an ``n``-step discretization, float64, ``(n,)``."""
+        raise NotImplementedError
+
+
+class LinearSchedule(Schedule):
+    """``beta(t) = beta_min + t (beta_max - beta_min)`` (DDPM, score_sde).
+
+    ``log alpha(t) = -t^2 (beta_max - beta_min) / 4 - t beta_min / 2``.
+    """
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0):
+        self.beta_min = _checks.real("beta_min", beta_min, low=0.0)
+        self.beta_max = _checks.real("beta_max", beta_max, low=0.0, low_open=True)
+        if self.beta_max < self.beta_min:
+            raise ValueError(f"beta_max must be >= beta_min = {self.beta_min}, got {self.beta_max}")
+
+    def beta(self, t):
+        return self.beta_min + t * (self.beta_max - self.beta_min)
+
+    def log_alpha(self, t):
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def t_from_log_alpha(self, log_alpha):
+        # Solve beta_min t + (beta_max - beta_min) t^2 / 2 = c in the cancellation-free form.
+        c = -2.0 * log_alpha
+        d = self.beta_max - self.beta_min
+        return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * d * c))
+
+    def discrete_alphas_cumprod(self, n):
+        # DDPM's discrete betas: linspace(beta_min / N, beta_max / N, N).
+        betas = torch.linspace(self.beta_min / n, self.beta_max / n, n, dtype=torch.float64)
+        return torch.cumprod(1.0 - betas, 0)
+
+    def __repr__(self):
+        return f"LinearSchedule(beta_min={self.beta_min}, beta_max={self.beta_max})"
+
+
+class CosineSchedule(Schedule):
+    """Improved-DDPM cosine schedule in continuous time (Nichol & Dhariwal, 2021).
+
+    ``alpha(t)^2 = f(t) / f(0)`` with ``f(t) = cos^2(pi/2 (t + s) / (1 + s))``, so
+    ``beta(t) = pi / (1 + s) tan(pi/2 (t + s) / (1 + s))``. ``beta`` diverges at t=1; as iDDPM
+    clips its discrete betas at 0.999 near the end, the continuous process is clipped in time at
+    ``T = 0.9946`` (DPM-Solver's choice), where ``beta(T) ~ 370`` and log-SNR ~ -9.5, close to
+    the linear schedule's -10.0 at t=1.
+    """
+
+    def __init__(self, s: float = 0.008, T: float = 0.9946):
+        self.s = _checks.real("s", s, low=0.0, low_open=True, high=1.0)
+        self.T = _checks.real("T", T, low=0.0, high=1.0, low_open=True, high_open=True)
+        self._angle0 = 0.5 * math.pi * self.s / (1.0 + self.s)
+        self._cos0 = math.cos(self._angle0)
+
+    def _angle(self, t):
+        return 0.5 * math.pi * (t + self.s) / (1.0 + self.s)
+
+    def beta(self, t):
+        return math.pi / (1.0 + self.s) * torch.tan(self._angle(t))
+
+    def log_alpha(self, t):
+        # log(cos a / cos a0) = log1p(-2 sin((a + a0)/2) sin((a - a0)/2) / cos a0): no cancellation
+        # at small t, where 1 - alpha^2 (hence sigma) is what matters.
+        a, a0 = self._angle(t), self._angle0
+        return torch.log1p(-2.0 * torch.sin(0.5 * (a + a0)) * torch.sin(0.5 * (a - a0)) / self._cos0)
+
+    def t_from_log_alpha(self, log_alpha):
+        angle = torch.arccos(torch.exp(log_alpha) * self._cos0)
+        return angle * (2.0 * (1.0 + self.s) / math.pi) - self.s
+
+    def discrete_alphas_cumprod(self, n):
+        # iDDPM: alphas_cumprod from f(n/N) / f(0) over the full [0, 1], betas clipped at 0.999.
+        t = torch.arange(n + 1, dtype=torch.float64) / n
+        abar = torch.exp(2.0 * self.log_alpha(t))
+        betas = (1.0 - abar[1:] / abar[:-1]).clamp(max=0.999)
+        return torch.cumprod(1.0 - betas, 0)
+
+    def __repr__(self):
+        return f"CosineSchedule(s={self.s}, T={self.T})"
+
+
+class DiscreteSchedule(Schedule):
+    """A schedule given by the N discrete betas of a DDPM-style model.
+
+    Step ``n = 1..N`` sits at ``t_n = n / N`` and ``log alpha(t)`` interpolates
+    ``1/2 log alphas_cumprod[n]`` linearly between the knots (with ``log alpha(0) = 0``), so
+    ``beta(t) = -N log(1 - beta_n)`` on ``(t_{n-1}, t_n]``, which is ``N beta_n`` to first order.
+    """
+
+    def __init__(self, betas):
+        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu()
+        if betas.dim() != 1 or betas.numel() < 1:
+            raise ValueError(f"betas must be a 1-D sequence of length >= 1, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas < 1)).all()):
+            raise ValueError("betas must lie in (0, 1)")
+        self.betas = betas
+        self.N = betas.numel()
+        log_abar = torch.cumsum(torch.log1p(-betas), 0)
+        self._t_knots = torch.arange(self.N + 1, dtype=torch.float64) / self.N
+        self._log_alpha_knots = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * log_abar])
+        self._beta_pieces = -self.N * torch.log1p(-betas)
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod) -> "DiscreteSchedule":
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return cls(1.0 - abar / prev)
+
+    def _knots(self, like):
+        return (self._t_knots.to(like.device, like.dtype), self._log_alpha_knots.to(like.device, like.dtype))
+
+    def beta(self, t):
+        idx = torch.clamp(torch.ceil(t * self.N).long() - 1, 0, self.N - 1)
+        return self._beta_pieces.to(t.device, t.dtype)[idx]
+
+    def log_alpha(self, t):
+        tk, lk = self._knots(t)
+        return _interp(t, tk, lk)
+
+    def t_from_log_alpha(self, log_alpha):
+        tk, lk = self._knots(log_alpha)
+        return _interp(log_alpha, lk.flip(0), tk.flip(0))
+
+    def discrete_alphas_cumprod(self, n):
+        if n == self.N:
+            return torch.cumprod(1.0 - self.betas, 0)
+        t = torch.arange(1, n + 1, dtype=torch.float64) / n
+        return torch.exp(2.0 * self.log_alpha(t))
+
+    def __repr__(self):
+        return f"DiscreteSchedule(N={self.N})"
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation of knots ``(xp, fp)``, ``xp`` increasing; linear extrapolation."""
+    idx = torch.clamp(torch.searchsorted(xp, x.detach().contiguous()), 1, xp.numel() - 1)
+    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+
+
+def make_schedule(schedule, beta_min: float, beta_max: float) -> Schedule:
+    if isinstance(schedule, Schedule):
+        return schedule
+    if schedule == "linear":
+        return LinearSchedule(beta_min, beta_max)
+    if schedule == "cosine":
+        return CosineSchedule()
+    raise ValueError(f"schedule must be 'linear', 'cosine' or a Schedule instance, got {schedule!r}")

@@ -1,0 +1,97 @@
+"""Solver base classes and the registry that maps names to solvers.
+
+A fixed-step solver is a small stateless class with its order and one pure ``step``; the loop in
+:mod:`sdediff.integrate` owns the stepping, the time grid and the Brownian increments.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ..terms import Field, SDETerm
+
+
+class Solver:
+    """Common metadata. ``order`` is the global order (strong order for SDE solvers)."""
+
+    name: str = ""
+    kind: str = ""
+    order: float = 0
+    evals_per_step: int = 1
+    adaptive: bool = False
+
+    def __repr__(self):
+        return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, order={self.order})"
+
+
+class ODESolver(Solver):
+    kind = "ode"
+
+    def step(self, f: Field, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+        """One step of ``dx/dt = f(x, t)`` from ``t0`` to ``t1`` (either direction); 0-d times."""
+        raise NotImplementedError
+
+
+class SDESolver(Solver):
+    kind = "sde"
+
+    def step(self, term: SDETerm, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor, dw) -> torch.Tensor:
+        """One step from ``t0`` to ``t1`` given the Brownian increment ``dw`` (variance ``|t1 - t0|``).
+
+        ``dw=None`` asks for the noise-free step (the conditional mean of the update).
+        """
+        raise NotImplementedError
+
+
+class SolverInfo(NamedTuple):
+    kind: str
+    order: float
+    evals_per_step: int
+    adaptive: bool
+
+
+_REGISTRY: dict[str, Solver] = {}
+
+
+def register_solver(solver):
+    """Register a solver instance, or a solver class (instantiated without arguments), by its ``name``.
+
+    Usable as a class decorator. Re-registering a name replaces the previous solver.
+    """
+    instance = solver() if isinstance(solver, type) else solver
+    if not isinstance(instance, Solver):
+        raise TypeError(f"solver must be a sdediff Solver subclass or instance, got {type(instance).__name__}")
+    if not instance.name or instance.kind not in ("ode", "sde"):
+        raise ValueError("a registered solver needs a non-empty name and kind 'ode' or 'sde'")
+    _REGISTRY[instance.name] = instance
+    return solver
+
+
+def available_solvers(kind: str | None = None) -> dict[str, SolverInfo]:
+    """Registered solvers by name, with their kind ('ode' or 'sde'), order and cost per step."""
+    if kind not in (None, "ode", "sde"):
+        raise ValueError(f"kind must be None, 'ode' or 'sde', got {kind!r}")
+    return {
+        name: SolverInfo(s.kind, s.order, s.evals_per_step, s.adaptive)
+        for name, s in sorted(_REGISTRY.items())
+        if kind is None or s.kind == kind
+    }
+
+
+def get_solver(solver, kind: str) -> Solver:
+    """Resolve a name or an instance to a solver of the given kind, or raise naming the valid ones."""
+    if isinstance(solver, str):
+        if solver not in _REGISTRY:
+            names = ", ".join(available_solvers(kind))
+            raise ValueError(f"unknown solver {solver!r}; valid {kind.upper()} solvers: {names}")
+        solver = _REGISTRY[solver]
+    elif isinstance(solver, type) and issubclass(solver, Solver):
+        solver = solver()
+    if not isinstance(solver, Solver):
+        raise TypeError(f"solver must be a name or a sdediff Solver instance, got {type(solver).__name__}")
+    if solver.kind != kind:
+        names = ", ".join(available_solvers(kind))
+        raise ValueError(f"solver {solver.name!r} is an {solver.kind.upper()} solver; expected one of: {names}")
+    return solver
