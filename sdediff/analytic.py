@@ -62,12 +62,14 @@ class GaussianMixture:
     def sample(self, n: int, *, generator=None, dtype=torch.float64, device=None, return_labels: bool = False):
         """``n`` exact draws ``(n, *event_shape)`` (and their component labels ``(n,)`` if asked)."""
         n = _checks.positive_int("n", n)
-        labels = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn((n, self.dim), generator=generator, dtype=torch.float64)
+        # Draw on the generator's device (any device works then), in float64, then move.
+        where = generator.device if generator is not None else torch.device("cpu")
+        labels = torch.multinomial(self.weights.to(where), n, replacement=True, generator=generator)
+        z = torch.randn((n, self.dim), generator=generator, dtype=torch.float64, device=where)
         K = self.num_components
-        x = self.means.reshape(K, -1)[labels] + self.stds.reshape(K, -1)[labels] * z
+        x = self.means.reshape(K, -1).to(where)[labels] + self.stds.reshape(K, -1).to(where)[labels] * z
         x = x.reshape((n,) + self.event_shape).to(dtype=dtype, device=device)
-        return (x, labels.to(device)) if return_labels else x
+        return (x, labels.to(x.device)) if return_labels else x
 
     def _component_terms(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
         """Per-component log-densities ``(batch, K)`` and ``(alpha mu_k - x) / var_k`` ``(batch, K, d)``."""
@@ -91,11 +93,18 @@ class GaussianMixture:
             raise ValueError(f"x must have shape (batch, *{self.event_shape}), got {tuple(x.shape)}")
         return x
 
-    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log p_0(x)``, shape ``(batch,)``."""
+    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log w_k + log N(x; mu_k, diag(s_k^2))`` for each component, shape ``(batch, K)``.
+
+        ``component_log_prob(x).argmax(1)`` assigns each point to its most likely component.
+        """
         x = self._check_x(x)
         log_comp, _ = self._component_terms(x, *self._coefficients(None, x, None))
-        return torch.logsumexp(log_comp, 1)
+        return log_comp
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """``log p_0(x)``, shape ``(batch,)``."""
+        return torch.logsumexp(self.component_log_prob(x), 1)
 
     def marginal_log_prob(self, sde: SDE, x: torch.Tensor, t) -> torch.Tensor:
         """``log p_t(x)`` under the forward ``sde``, shape ``(batch,)``."""
@@ -125,7 +134,7 @@ class GaussianMixture:
 
     def diffused(self, sde: SDE, t: float) -> "GaussianMixture":
         """The mixture ``p_t`` at one time ``t``: means ``alpha mu_k``, stds ``sqrt(alpha^2 s_k^2 + sigma^2)``."""
-        alpha, sigma = (c.item() for c in sde.marginal(float(t)))
+        alpha, sigma = (c.item() for c in sde.marginal(torch.tensor(float(t), dtype=torch.float64)))
         return GaussianMixture(self.weights, alpha * self.means, torch.sqrt(alpha**2 * self.stds**2 + sigma**2))
 
     def mean(self) -> torch.Tensor:

@@ -65,6 +65,21 @@ def gaussian_increments(x: torch.Tensor, generator: torch.Generator | None = Non
     return brownian
 
 
+def _is_torchsde_brownian(brownian) -> bool:
+    import torchsde
+
+    return isinstance(brownian, torchsde.BaseBrownian)
+
+
+def _elapsed_time_increments(bm, x: torch.Tensor, t_first: torch.Tensor):
+    """Read a torchsde Brownian motion over the elapsed time ``|t - t_first|``, as torchsde solvers do here."""
+
+    def brownian(t0, t1):
+        return bm((t0 - t_first).abs(), (t1 - t_first).abs()).reshape(x.shape)
+
+    return brownian
+
+
 def _raise_nonfinite(step: int, ts: torch.Tensor):
     t0, t1 = ts[step].item(), ts[step + 1].item()
     raise NonFiniteError(f"non-finite values in the state after step {step} (t = {t0:.6g} -> {t1:.6g})")
@@ -76,10 +91,11 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, brownian=None,
     """Integrate an :class:`ODETerm` or :class:`SDETerm` from ``ts[0]`` through the grid ``ts``.
 
     ``x: (batch, *dims)`` is the state at ``ts[0]``; ``ts: (n + 1,)`` is strictly monotone.
-    ``solver``: a registered name or a solver instance of the term's kind. For SDEs, ``brownian``
-    is a callable ``(t0, t1) -> dW`` (variance ``|t1 - t0|``, shape of ``x``) for replaying noise,
-    or, for torchsde solvers, a torchsde Brownian motion over the elapsed time; by default the
-    increments are drawn from ``generator``. ``noise_free_last_step`` drops the noise of the final
+    ``solver``: a registered name or a solver instance of the term's kind. For SDEs, the noise is
+    drawn from ``generator``, or replayed from ``brownian``: a callable ``(t0, t1) -> dW``
+    (variance ``|t1 - t0|``, shape of ``x``; not for torchsde solvers, which need Lévy areas), or
+    a torchsde Brownian motion of shape ``(batch, prod(dims))`` over the elapsed time
+    ``|t - ts[0]|``, which every SDE solver reads alike (the same path across solvers). ``noise_free_last_step`` drops the noise of the final
     step. ``rtol``/``atol`` apply to adaptive solvers. Non-finite states raise
     :class:`NonFiniteError` naming the step and time, checked once at the end (no per-step sync).
     """
@@ -103,8 +119,13 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, brownian=None,
         return Solution(xs[-1], ts, xs if return_trajectory else None, field.count)
 
     steps = len(ts) - 1
-    if isinstance(solver, SDESolver) and brownian is None:
-        brownian = gaussian_increments(x, generator)
+    if isinstance(solver, SDESolver):
+        if brownian is None:
+            brownian = gaussian_increments(x, generator)
+        elif _is_torchsde_brownian(brownian):
+            brownian = _elapsed_time_increments(brownian, x, ts[0])
+        elif not callable(brownian):
+            raise TypeError(f"brownian must be callable (t0, t1) -> dW or a torchsde Brownian motion, got {type(brownian).__name__}")
     first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
     xs = [x] if return_trajectory else None
     for i in tqdm(range(steps), disable=not progress, desc=solver.name, leave=False):

@@ -91,15 +91,14 @@ def sample_sde(score_fn, sde: SDE, x, *, steps: int | None = None, solver="euler
     ``s = 1`` is Anderson's reverse SDE, ``0 < s < 1`` keeps the same marginals with less noise.
     Arguments as in :func:`sample_ode`, with ``steps`` defaulting to 1000 and ``solver`` a name
     from ``available_solvers("sde")``. Noise is drawn from ``generator`` (on the device of ``x``),
-    or replayed from ``brownian(t0, t1) -> dW`` (variance ``|t1 - t0|``). With
+    or replayed from ``brownian``: a callable ``(t0, t1) -> dW`` (variance ``|t1 - t0|``) or a
+    torchsde Brownian motion over the elapsed time ``t_start - t`` (see :func:`integrate`). With
     ``noise_free_last_step`` (default, as score_sde) the final step adds no noise: it returns the
     mean of the last update.
     """
     solver = get_solver(solver, "sde")
     x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_SDE_STEPS, t_start, t_end, grid, generator, device, dtype)
     process = ReverseProcess(sde, monitor, stochasticity)
-    if brownian is not None and not callable(brownian):
-        raise TypeError(f"brownian must be callable (t0, t1) -> dW, got {type(brownian).__name__}")
     term = SDETerm(process.drift, lambda x_, t: bcast(process.diffusion(t), x_), additive=True)
     return _run(term, x, ts, monitor, solver=solver, brownian=brownian, generator=generator,
                 noise_free_last_step=noise_free_last_step, return_trajectory=return_trajectory, progress=progress)

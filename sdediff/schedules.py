@@ -31,8 +31,8 @@ class Schedule:
     def t_from_log_alpha(self, log_alpha: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def discrete_alphas_cumprod(self, n: int) -> torch.Tensor:
-        """``alphas_cumprod`` of an ``n``-step discretization, float64, ``(n,)``."""
+    def discrete_betas(self, n: int) -> torch.Tensor:
+        """The betas of an ``n``-step DDPM discretization, float64, ``(n,)``."""
         raise NotImplementedError
 
 
@@ -55,15 +55,19 @@ class LinearSchedule(Schedule):
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def t_from_log_alpha(self, log_alpha):
-        # Solve beta_min t + (beta_max - beta_min) t^2 / 2 = c in the cancellation-free form.
+        # Solve beta_min t + (beta_max - beta_min) t^2 / 2 = c in the cancellation-free form
+        # (0/0 at c = 0 when beta_min = 0, hence the where).
         c = -2.0 * log_alpha
         d = self.beta_max - self.beta_min
-        return 2.0 * c / (self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * d * c))
+        denom = self.beta_min + torch.sqrt(self.beta_min**2 + 2.0 * d * c)
+        zero = c == 0
+        return torch.where(zero, torch.zeros_like(c), 2.0 * c / torch.where(zero, 1.0, denom))
 
-    def discrete_alphas_cumprod(self, n):
+    def discrete_betas(self, n):
         # DDPM's discrete betas: linspace(beta_min / N, beta_max / N, N).
-        betas = torch.linspace(self.beta_min / n, self.beta_max / n, n, dtype=torch.float64)
-        return torch.cumprod(1.0 - betas, 0)
+        if self.beta_max / n >= 1.0:
+            raise ValueError(f"N must exceed beta_max = {self.beta_max} so that every beta_max / N < 1, got {n}")
+        return torch.linspace(self.beta_min / n, self.beta_max / n, n, dtype=torch.float64)
 
     def __repr__(self):
         return f"LinearSchedule(beta_min={self.beta_min}, beta_max={self.beta_max})"
@@ -98,15 +102,20 @@ class CosineSchedule(Schedule):
         return torch.log1p(-2.0 * torch.sin(0.5 * (a + a0)) * torch.sin(0.5 * (a - a0)) / self._cos0)
 
     def t_from_log_alpha(self, log_alpha):
-        angle = torch.arccos(torch.exp(log_alpha) * self._cos0)
-        return angle * (2.0 * (1.0 + self.s) / math.pi) - self.s
+        # a - a0 from tan(a - a0), written with 1 - alpha^2 so it stays accurate as t -> 0
+        # (arccos(alpha cos a0) loses digits there): cos a = alpha cos a0.
+        alpha = torch.exp(log_alpha)
+        one_minus = -torch.expm1(2.0 * log_alpha)
+        sin0, cos0 = math.sin(self._angle0), self._cos0
+        sin_a = torch.sqrt(sin0**2 + cos0**2 * one_minus)
+        delta = torch.atan2(cos0 * one_minus / (sin_a + alpha * sin0), alpha * cos0**2 + sin0 * sin_a)
+        return delta * (2.0 * (1.0 + self.s) / math.pi)
 
-    def discrete_alphas_cumprod(self, n):
+    def discrete_betas(self, n):
         # iDDPM: alphas_cumprod from f(n/N) / f(0) over the full [0, 1], betas clipped at 0.999.
         t = torch.arange(n + 1, dtype=torch.float64) / n
         abar = torch.exp(2.0 * self.log_alpha(t))
-        betas = (1.0 - abar[1:] / abar[:-1]).clamp(max=0.999)
-        return torch.cumprod(1.0 - betas, 0)
+        return (1.0 - abar[1:] / abar[:-1]).clamp(max=0.999)
 
     def __repr__(self):
         return f"CosineSchedule(s={self.s}, T={self.T})"
@@ -154,11 +163,11 @@ class DiscreteSchedule(Schedule):
         tk, lk = self._knots(log_alpha)
         return _interp(log_alpha, lk.flip(0), tk.flip(0))
 
-    def discrete_alphas_cumprod(self, n):
+    def discrete_betas(self, n):
         if n == self.N:
-            return torch.cumprod(1.0 - self.betas, 0)
-        t = torch.arange(1, n + 1, dtype=torch.float64) / n
-        return torch.exp(2.0 * self.log_alpha(t))
+            return self.betas.clone()
+        t = torch.arange(n + 1, dtype=torch.float64) / n
+        return -torch.expm1(2.0 * (self.log_alpha(t[1:]) - self.log_alpha(t[:-1])))
 
     def __repr__(self):
         return f"DiscreteSchedule(N={self.N})"
@@ -177,5 +186,6 @@ def make_schedule(schedule, beta_min: float, beta_max: float) -> Schedule:
     if schedule == "linear":
         return LinearSchedule(beta_min, beta_max)
     if schedule == "cosine":
+        LinearSchedule(beta_min, beta_max)  # unused by the cosine schedule, but still validated
         return CosineSchedule()
     raise ValueError(f"schedule must be 'linear', 'cosine' or a Schedule instance, got {schedule!r}")

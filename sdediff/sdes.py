@@ -5,7 +5,8 @@ the log signal-to-noise ratio ``log_snr(t) = 2 log(alpha / sigma)`` is invertibl
 
 Conventions: ``x`` is ``(batch, *dims)``; ``t`` is a float tensor of shape ``(batch,)`` or a
 0-d tensor or Python float (broadcast over the batch). Results take the dtype and device of ``x``
-(or of ``t`` where there is no ``x``). Public methods validate ``t``; the underscored primitives
+(or of ``t`` where there is no ``x``; float64 for a Python float). Public methods validate ``t``;
+the underscored primitives
 (``_drift_coef``, ``_g2``, ``_alpha_sigma``, ``_log_snr``, ``_t_from_log_snr``) do not, and are
 what integration loops call.
 """
@@ -63,7 +64,8 @@ class SDE:
             _checks.within(name, t, 0.0, self.T)
             return t.to(dtype=dtype or t.dtype, device=device or t.device)
         value = _checks.real(name, t, low=0.0, high=self.T)
-        return torch.tensor(value, dtype=dtype or torch.get_default_dtype(), device=device)
+        # A Python float carries double precision; keep it (0-d results do not upcast batched x).
+        return torch.tensor(value, dtype=dtype or torch.float64, device=device)
 
     def drift(self, x: torch.Tensor, t) -> torch.Tensor:
         """``f(x, t) = f(t) x``, shape of ``x``."""
@@ -100,7 +102,7 @@ class SDE:
     def t_from_log_snr(self, lam) -> torch.Tensor:
         """Inverse of :meth:`log_snr`; ``lam`` must lie in ``[log_snr(T), log_snr(0)]``."""
         if not isinstance(lam, torch.Tensor):
-            lam = torch.tensor(_checks.real("lam", lam, low=-math.inf), dtype=torch.get_default_dtype())
+            lam = torch.tensor(_checks.real("lam", lam, low=-math.inf), dtype=torch.float64)
         _checks.float_tensor("lam", lam)
         t = self._t_from_log_snr(lam)
         tol = 1e-5 * self.T
@@ -198,9 +200,8 @@ class VPSDE(_ScheduledSDE):
         iDDPM's betas clipped at 0.999; discrete: the given betas when N matches.
         """
         N = _checks.positive_int("N", N)
-        abar = self.schedule.discrete_alphas_cumprod(N)
-        alphas = abar / torch.cat([torch.ones(1, dtype=abar.dtype), abar[:-1]])
-        return DDPMDiscretization(1.0 - alphas, alphas, abar)
+        betas = self.schedule.discrete_betas(N)
+        return DDPMDiscretization(betas, 1.0 - betas, torch.cumprod(1.0 - betas, 0))
 
 
 class SubVPSDE(_ScheduledSDE):

@@ -63,10 +63,9 @@ class TorchsdeSolver(SDESolver):
     (SRK then takes its cheaper order-1.5 SRA1 scheme).
     """
 
-    evals_per_step = 0  # method-dependent
-
-    def __init__(self, method: str, order: float, sde_type: str, additive_form: bool = False):
+    def __init__(self, method: str, order: float, sde_type: str, evals_per_step: int, additive_form: bool = False):
         self.name, self.order, self.sde_type, self.additive_form = method, order, sde_type, additive_form
+        self.evals_per_step = evals_per_step
 
     def solve(self, term: SDETerm, x: torch.Tensor, ts: torch.Tensor, *, bm=None, generator=None) -> torch.Tensor:
         """States at every time of ``ts``: ``(len(ts), *x.shape)``.
@@ -79,6 +78,9 @@ class TorchsdeSolver(SDESolver):
 
         if self.sde_type == "stratonovich" and not term.additive:
             raise ValueError(f"solver {self.name!r} solves Stratonovich SDEs; it is used here only for additive noise")
+        if bm is not None and not isinstance(bm, torchsde.BaseBrownian):
+            raise TypeError(f"solver {self.name!r} needs a torchsde Brownian motion (with Lévy areas) as brownian, "
+                            f"got {type(bm).__name__}")
         ts_host = ts.detach().to("cpu", torch.float64)
         direction = 1.0 if ts_host[-1] > ts_host[0] else -1.0
         s = (ts - ts[0]).abs()
@@ -105,6 +107,8 @@ class TorchsdeSolver(SDESolver):
 
 for _method, _order in (("dopri5", 5), ("dopri8", 8), ("bosh3", 3), ("fehlberg2", 2), ("adaptive_heun", 2)):
     register_solver(TorchdiffeqSolver(_method, _order))
-# Strong orders for additive noise, the case of every reverse-time diffusion process here.
-register_solver(TorchsdeSolver("srk", 1.5, "ito", additive_form=True))
-register_solver(TorchsdeSolver("reversible_heun", 1.0, "stratonovich"))
+# Strong orders and drift evaluations per step for additive noise, the case of every reverse-time
+# diffusion here (torchsde's SRA1 evaluates its first stage twice; reversible Heun adds one
+# evaluation at the start).
+register_solver(TorchsdeSolver("srk", 1.5, "ito", evals_per_step=3, additive_form=True))
+register_solver(TorchsdeSolver("reversible_heun", 1.0, "stratonovich", evals_per_step=1))
