@@ -1,0 +1,198 @@
+"""The sampling API: samples reproduce the target distribution, NFE and trajectories, reproducibility."""
+
+import math
+
+import pytest
+import torch
+
+import sdediff as sd
+
+# Three well-separated modes (>= 5 component stds apart), so assigning samples to their most
+# likely component misclassifies a negligible fraction and per-mode statistics are clean.
+MIXTURE = sd.GaussianMixture([0.2, 0.5, 0.3], [[-3.0, 0.0], [0.0, 2.5], [3.0, -1.0]], [0.4, 0.6, 0.5])
+T_END = 1e-3
+Z = 4.0  # tolerance in standard errors: a false alarm about once in 16,000 checks
+
+
+def assert_matches_mixture(x, target, z=Z):
+    """Mode weights, per-mode means and covariances of samples ``x: (n, 2)`` within ``z`` standard errors.
+
+    Standard errors: weight sqrt(w (1-w) / n); mean s / sqrt(n_k); variance s^2 sqrt(2 / n_k);
+    covariance s^2 / sqrt(n_k) (Gaussian components).
+    """
+    n = x.shape[0]
+    labels = target.component_log_prob(x).argmax(1)
+    for k in range(target.num_components):
+        w, mu, s = target.weights[k].item(), target.means[k], target.stds[k]
+        xk = x[labels == k]
+        nk = xk.shape[0]
+        assert abs(nk / n - w) < z * math.sqrt(w * (1 - w) / n), (k, nk / n, w)
+        assert ((xk.mean(0) - mu).abs() < z * s / math.sqrt(nk)).all(), (k, xk.mean(0), mu)
+        cov = torch.cov(xk.T)
+        assert ((cov.diagonal() - s**2).abs() < z * s**2 * math.sqrt(2 / nk)).all(), (k, cov, s**2)
+        assert abs(cov[0, 1]) < z * s[0] * s[1] / math.sqrt(nk), (k, cov)
+
+
+SDES = [sd.VPSDE(), sd.VPSDE(schedule="cosine"), sd.SubVPSDE(), sd.VESDE(sigma_max=20.0)]
+
+
+def exact_start(sde, seed, n=4000):
+    """Exact draws from p_T. (The prior N(0, sigma_max^2) of a VE SDE with sigma_max = 20 is off
+    from p_T by a mean shift of 0.05 std, which moves this mixture's mode weights by ~0.02, i.e.
+    2.5 standard errors; starting from p_T leaves only the solver's error.)"""
+    return MIXTURE.diffused(sde, sde.T).sample(n, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("sde", SDES, ids=repr)
+def test_probability_flow_samples_match_the_mixture(sde):
+    # Heun with 100 steps is ~1e-3 from the exact flow here, far below the sampling error (~1e-2).
+    sol = sd.sample_ode(MIXTURE.score_fn(sde), sde, exact_start(sde, 0), steps=100, solver="heun", t_end=T_END,
+                        grid="log_snr")
+    assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+
+
+@pytest.mark.parametrize("stochasticity", [1.0, 0.5])
+@pytest.mark.parametrize("sde", SDES, ids=repr)
+def test_reverse_sde_samples_match_the_mixture(sde, stochasticity):
+    # Euler-Maruyama's weak error at 500 steps is O(1e-3), below the sampling error of 4000 draws.
+    sol = sd.sample_sde(MIXTURE.score_fn(sde), sde, exact_start(sde, 1), steps=500, stochasticity=stochasticity,
+                        t_end=T_END, generator=torch.Generator().manual_seed(1), noise_free_last_step=False)
+    assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+
+
+def test_prior_start_matches_the_mixture_for_vp():
+    """From the prior itself (VP: p_T is N(0, I) up to alpha(T) = 7e-3), as a user samples."""
+    sde = sd.VPSDE()
+    sol = sd.sample_ode(MIXTURE.score_fn(sde), sde, (4000, 2), steps=50, solver="rk4", t_end=T_END,
+                        generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+
+
+def test_the_distribution_checks_can_fail():
+    """The same checks reject samples of a slightly wrong distribution (a 15% too wide mode, shifted weights)."""
+    wrong = sd.GaussianMixture([0.25, 0.45, 0.3], MIXTURE.means, MIXTURE.stds * torch.tensor([[1.0], [1.15], [1.0]]))
+    x = wrong.sample(4000, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(AssertionError):
+        assert_matches_mixture(x, MIXTURE)
+    assert_matches_mixture(MIXTURE.sample(4000, generator=torch.Generator().manual_seed(2)), MIXTURE)
+
+
+def test_too_few_steps_are_caught_by_the_distribution_check():
+    """Euler-Maruyama with 10 steps is visibly biased: the test bed resolves solver error."""
+    sde = sd.VPSDE()
+    sol = sd.sample_sde(MIXTURE.score_fn(sde), sde, (4000, 2), steps=10, generator=torch.Generator().manual_seed(1),
+                        dtype=torch.float64, t_end=T_END)
+    with pytest.raises(AssertionError):
+        assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+
+
+@pytest.mark.parametrize("solver, per_step", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])
+def test_nfe_and_trajectory(solver, per_step):
+    sde = sd.VPSDE()
+    x = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0))
+    sol = sd.sample_ode(MIXTURE.score_fn(sde), sde, x, steps=7, solver=solver, return_trajectory=True)
+    assert sol.nfe == 7 * per_step
+    assert sol.ts.shape == (8,) and sol.ts[0] == sde.T and sol.ts[-1] == pytest.approx(1e-3)
+    assert bool((sol.ts[1:] < sol.ts[:-1]).all())
+    assert sol.xs.shape == (8, 8, 2) and torch.equal(sol.xs[0], x) and torch.equal(sol.xs[-1], sol.x)
+    assert sd.sample_ode(MIXTURE.score_fn(sde), sde, x, steps=7, solver=solver).xs is None
+
+
+def test_adaptive_nfe_is_counted_and_trajectory_follows_the_grid():
+    sde = sd.VPSDE()
+    calls = []
+
+    def score_fn(x, t):
+        calls.append(t)
+        return MIXTURE.score_fn(sde)(x, t)
+
+    x = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sol = sd.sample_ode(score_fn, sde, x, solver="dopri5", steps=5, return_trajectory=True)
+    assert sol.nfe == len(calls) > 10
+    assert sol.xs.shape == (6, 8, 2)
+    assert all(t.shape == (8,) and 1e-3 <= t.min() and t.max() <= sde.T for t in calls)  # never beyond t_end
+    exact_end = sd.sample_ode(MIXTURE.score_fn(sde), sde, x, solver="dopri5").x
+    assert (sol.x - exact_end).abs().max() < 1e-3
+
+
+def test_generator_reproducibility_and_prior_draws():
+    sde = sd.VESDE()
+    run = lambda seed: sd.sample_sde(MIXTURE.score_fn(sde), sde, (16, 2), steps=20,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(seed)).x
+    assert torch.equal(run(3), run(3))
+    assert not torch.allclose(run(3), run(4))
+    x = sd.sample_ode(MIXTURE.score_fn(sde), sde, (16, 2), steps=3, generator=torch.Generator().manual_seed(5),
+                      return_trajectory=True).xs[0]
+    assert torch.equal(x, sde.prior_sample((16, 2), generator=torch.Generator().manual_seed(5)))
+    assert x.dtype == torch.float32 and x.std().item() == pytest.approx(20.0 * 50.0 / 20.0, rel=0.35)
+
+
+def test_zero_stochasticity_sde_is_the_euler_ode():
+    sde = sd.SubVPSDE()
+    x = sde.prior_sample((32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ode = sd.sample_ode(MIXTURE.score_fn(sde), sde, x, steps=30, solver="euler").x
+    sde_zero = sd.sample_sde(MIXTURE.score_fn(sde), sde, x, steps=30, stochasticity=0.0,
+                             generator=torch.Generator().manual_seed(0)).x
+    assert torch.allclose(ode, sde_zero, rtol=0, atol=1e-14)
+
+
+def test_noise_free_last_step_drops_exactly_the_last_increment():
+    sde = sd.VPSDE()
+    x = sde.prior_sample((32, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    increments = torch.randn(10, 32, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def replay():
+        it = iter(increments)
+        return lambda t0, t1: next(it) * (t1 - t0).abs().sqrt()
+
+    kwargs = dict(steps=10, t_end=0.1)
+    noisy = sd.sample_sde(MIXTURE.score_fn(sde), sde, x, brownian=replay(), noise_free_last_step=False, **kwargs)
+    clean = sd.sample_sde(MIXTURE.score_fn(sde), sde, x, brownian=replay(), noise_free_last_step=True, **kwargs)
+    t0, t1 = noisy.ts[-2], noisy.ts[-1]
+    expected_noise = sde.diffusion(t0) * increments[-1] * (t1 - t0).abs().sqrt()
+    torch.testing.assert_close(noisy.x - clean.x, expected_noise, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("solver", ["heun", "dopri5"])
+def test_user_grid_and_dtype_follow_x(solver):
+    sde = sd.VPSDE()
+    grid = torch.tensor([0.01, 0.1, 0.4, 1.0])  # increasing: read from T down
+    x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sol = sd.sample_ode(MIXTURE.score_fn(sde), sde, x, grid=grid, solver=solver, return_trajectory=True)
+    assert sol.x.dtype == torch.float64 and sol.ts.dtype == torch.float64
+    torch.testing.assert_close(sol.ts, grid.flip(0).double())
+
+
+def test_progress_bar_runs(capsys):
+    sde = sd.VPSDE()
+    sd.sample_sde(MIXTURE.score_fn(sde), sde, (4, 2), steps=5, progress=True)
+    assert "euler_maruyama" in capsys.readouterr().err
+
+
+def test_non_finite_score_is_reported_with_step_and_time():
+    sde = sd.VPSDE()
+
+    def broken(x, t):  # NaN below t = 0.5
+        s = MIXTURE.score_fn(sde)(x, t)
+        return torch.where((t < 0.5)[:, None], torch.full_like(s, float("nan")), s)
+
+    # grid 1.0, 0.9804, ...: the first evaluation below 0.5 is at t_26 = 0.4904
+    with pytest.raises(sd.NonFiniteError, match=r"after step 26 \(t = 0\.4904 -> 0\.4708\).*score_fn returned"):
+        sd.sample_ode(broken, sde, (4, 2), steps=50, solver="euler", t_end=0.02)
+
+
+def test_non_finite_state_is_reported_with_step_and_time():
+    """x' = x^2 from x=1 blows up at t=1; Euler with h = 0.5 overflows float64 at its 13th step (0-based 12)."""
+    term = sd.ODETerm(lambda x, t: x * x)
+    ts = torch.linspace(0.0, 10.0, 21, dtype=torch.float64)
+    with pytest.raises(sd.NonFiniteError, match=r"after step 12 \(t = 6 -> 6\.5\)") as err:
+        sd.integrate(term, torch.ones(3, 1, dtype=torch.float64), ts, solver="euler")
+    assert "score_fn" not in str(err.value)
+
+
+def test_score_of_the_wrong_shape_is_rejected():
+    sde = sd.VPSDE()
+    with pytest.raises(ValueError, match=r"score_fn must return a tensor of the shape of x \(4, 2\), got \(4,\)"):
+        sd.sample_ode(lambda x, t: x.sum(1), sde, (4, 2), steps=2)
+    with pytest.raises(ValueError, match="score_fn must return a tensor"):
+        sd.sample_sde(lambda x, t: 1.0, sde, (4, 2), steps=2)
