@@ -16,6 +16,7 @@ import math
 import torch
 
 from . import _checks
+from ._tensors import moved
 from .sdes import SDE
 
 
@@ -24,7 +25,7 @@ class GaussianMixture:
 
     ``weights: (K,)`` (normalized here), ``means: (K, *event_shape)``, ``stds``: ``(K, *event_shape)``,
     ``(K,)`` (isotropic per component) or a float. Computations run in the dtype and device of the
-    query; parameters are stored in float64.
+    query; parameters are stored in float64 (and copied per device once: treat them as read-only).
     """
 
     def __init__(self, weights, means, stds):
@@ -49,15 +50,16 @@ class GaussianMixture:
         self.stds = stds
         self.event_shape = tuple(means.shape[1:])
         self.dim = int(means[0].numel())
+        self._on_device: dict = {}
 
     @property
     def num_components(self) -> int:
         return self.means.shape[0]
 
     def _params(self, like: torch.Tensor):
-        p = dict(dtype=like.dtype, device=like.device)
+        """``(log w (K,), mu (K, d), s (K, d))`` on ``like``'s device and dtype."""
         K = self.num_components
-        return self.weights.to(**p).log(), self.means.reshape(K, -1).to(**p), self.stds.reshape(K, -1).to(**p)
+        return moved(self._on_device, like, (self.weights.log(), self.means.reshape(K, -1), self.stds.reshape(K, -1)))
 
     def sample(self, n: int, *, generator=None, dtype=torch.float64, device=None, return_labels: bool = False):
         """``n`` exact draws ``(n, *event_shape)`` (and their component labels ``(n,)`` if asked)."""

@@ -15,6 +15,7 @@ import math
 import torch
 
 from . import _checks
+from ._tensors import moved
 
 
 class Schedule:
@@ -141,6 +142,7 @@ class DiscreteSchedule(Schedule):
         self._t_knots = torch.arange(self.N + 1, dtype=torch.float64) / self.N
         self._log_alpha_knots = torch.cat([torch.zeros(1, dtype=torch.float64), 0.5 * log_abar])
         self._beta_pieces = -self.N * torch.log1p(-betas)
+        self._on_device: dict = {}
 
     @classmethod
     def from_alphas_cumprod(cls, alphas_cumprod) -> "DiscreteSchedule":
@@ -149,18 +151,19 @@ class DiscreteSchedule(Schedule):
         return cls(1.0 - abar / prev)
 
     def _knots(self, like):
-        return (self._t_knots.to(like.device, like.dtype), self._log_alpha_knots.to(like.device, like.dtype))
+        """``(t_knots, log_alpha_knots, beta_pieces)`` on ``like``'s device and dtype."""
+        return moved(self._on_device, like, (self._t_knots, self._log_alpha_knots, self._beta_pieces))
 
     def beta(self, t):
         idx = torch.clamp(torch.ceil(t * self.N).long() - 1, 0, self.N - 1)
-        return self._beta_pieces.to(t.device, t.dtype)[idx]
+        return self._knots(t)[2][idx]
 
     def log_alpha(self, t):
-        tk, lk = self._knots(t)
+        tk, lk, _ = self._knots(t)
         return _interp(t, tk, lk)
 
     def t_from_log_alpha(self, log_alpha):
-        tk, lk = self._knots(log_alpha)
+        tk, lk, _ = self._knots(log_alpha)
         return _interp(log_alpha, lk.flip(0), tk.flip(0))
 
     def discrete_betas(self, n):
