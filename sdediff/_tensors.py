@@ -14,3 +14,14 @@ def moved(cache: dict, like: torch.Tensor, tensors) -> tuple:
     if key not in cache:
         cache[key] = tuple(t.to(device=like.device, dtype=like.dtype) for t in tensors)
     return cache[key]
+
+
+def nonfinite(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool tensor: does ``x`` hold a NaN or an infinity? (No host sync.)
+
+    One reduction instead of an elementwise ``isfinite``: a NaN or infinity makes the sum
+    non-finite. Half-precision sums accumulate in float32, so only a state beyond float32's
+    range (itself a blow-up) could be flagged without a non-finite entry.
+    """
+    low = x.dtype in (torch.float16, torch.bfloat16)
+    return ~torch.isfinite(x.sum(dtype=torch.float32 if low else None))

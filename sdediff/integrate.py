@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
+from ._tensors import nonfinite
 from .solvers.base import ODESolver, SDESolver, get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver
 from .terms import ODETerm, SDETerm
@@ -135,7 +136,7 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, brownian=None,
         else:
             dw = None if (noise_free_last_step and i == steps - 1) else brownian(t0, t1)
             x = solver.step(term, x, t0, t1, dw)
-        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(x).all(), i, first_bad)
+        first_bad = torch.where((first_bad < 0) & nonfinite(x), i, first_bad)
         if xs is not None:
             xs.append(x)
     bad = int(first_bad)  # the one host sync of the loop

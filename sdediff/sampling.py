@@ -6,6 +6,7 @@ import torch
 
 from . import _checks
 from .grids import time_grid
+from ._tensors import nonfinite
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
 from .sdes import SDE, bcast
@@ -26,7 +27,7 @@ class _ScoreMonitor:
     def __call__(self, x, t):
         score = self.score_fn(x, t)
         if isinstance(score, torch.Tensor):
-            bad = ~torch.isfinite(score).all()
+            bad = nonfinite(score)
             self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
         return score
 
