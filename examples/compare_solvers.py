@@ -15,8 +15,9 @@ known exactly (``GaussianMixture.score_fn``) and the only error left is the solv
   over exact sample sets of the same sizes, so errors near it are not resolved; raise ``--batch``.
 
 Reading the output: NFE counts score (network) evaluations; lower-left is better. In the log-log
-plot an ODE solver of order p has slope -p once in its asymptotic regime. The "order" column is
-sdediff's: strong order for SDE solvers, while the distributional error follows the weak order.
+plot an ODE solver of order p has slope -p once in its asymptotic regime. For SDE solvers the
+"order" column is the strong order for additive noise (``additive_order``, the case of every
+reverse diffusion), while the distributional error follows the weak order.
 Milstein is Euler-Maruyama for the additive noise of every reverse diffusion (only the noise draws
 differ). reversible_heun does badly at every step count here: its leapfrog-like auxiliary state
 is unstable on strongly contracting dynamics such as a reverse diffusion.
@@ -127,9 +128,14 @@ def format_row(r):
             f"{mode:>10}{secs:>9}  {r['note']}").rstrip()
 
 
+def order(info):
+    """The order that applies here: the additive-noise strong order for SDE solvers."""
+    return info.order if info.additive_order is None else info.additive_order
+
+
 def solvers(kind):
     """The registered solvers of ``kind``: fixed-step ones first, by order."""
-    return sorted(sdediff.available_solvers(kind).items(), key=lambda kv: (kv[1].adaptive, kv[1].order, kv[0]))
+    return sorted(sdediff.available_solvers(kind).items(), key=lambda kv: (kv[1].adaptive, order(kv[1]), kv[0]))
 
 
 def run_all(kind, sampler, error_fn, device, quick):
@@ -138,7 +144,7 @@ def run_all(kind, sampler, error_fn, device, quick):
     print(HEADER)
     for name, info in solvers(kind):
         for label, kwargs in settings(info, quick):
-            row = dict(solver=name, kind=kind, order=info.order, setting=label, nfe=None, error=None,
+            row = dict(solver=name, kind=kind, order=order(info), setting=label, nfe=None, error=None,
                        mode_error=None, seconds=None, note="")
             try:
                 sol, row["seconds"] = timed(lambda: sampler(name, kwargs), device)
@@ -156,7 +162,7 @@ def plot(rows, floor, title, path):
         for name, info in solvers(kind):
             pts = sorted((r["nfe"], r["error"]) for r in rows if r["solver"] == name and r["error"])
             if pts:
-                ax.plot(*zip(*pts), "--" if info.adaptive else "-", marker="o", ms=4, label=f"{name} ({info.order:g})")
+                ax.plot(*zip(*pts), "--" if info.adaptive else "-", marker="o", ms=4, label=f"{name} ({order(info):g})")
         if kind == "sde":
             ax.axhspan(floor[0] - floor[1], floor[0] + floor[1], color="gray", alpha=0.15)
             ax.axhline(floor[0], color="gray", ls=":", label="noise floor (mean ± sd)")

@@ -127,11 +127,14 @@ class SDE:
         sq = (z / self.prior_std).pow(2).reshape(z.shape[0], -1).sum(1)
         return -0.5 * sq - 0.5 * d * math.log(2.0 * math.pi * self.prior_std**2)
 
-    def reverse(self, score_fn, stochasticity: float = 1.0):
-        """The reverse-time process ``dx = [f - (1+s^2)/2 g^2 score] dt + s g dW`` (see :class:`ReverseProcess`)."""
+    def reverse(self, score_fn, stochasticity: float = 1.0, *, event_shape=None, sde_type: str = "ito"):
+        """The reverse-time process ``dx = [f - (1+s^2)/2 g^2 score] dt + s g dW`` (see :class:`ReverseProcess`).
+
+        ``event_shape`` and ``sde_type`` configure its torchsde interface.
+        """
         from .reverse import ReverseProcess
 
-        return ReverseProcess(self, score_fn, stochasticity)
+        return ReverseProcess(self, score_fn, stochasticity, event_shape=event_shape, sde_type=sde_type)
 
     def probability_flow(self, score_fn):
         """The probability-flow ODE ``dx/dt = f - 1/2 g^2 score`` (``reverse`` with s=0)."""

@@ -115,6 +115,23 @@ def test_adaptive_nfe_is_counted_and_trajectory_follows_the_grid():
     assert (sol.x - exact_end).abs().max() < 1e-3
 
 
+def test_adaptive_solver_never_evaluates_outside_the_interval():
+    """torchdiffeq's initial-step probe can look past t_end (it did, to t = -5.8, on this
+    image-shaped problem); the score must only ever see times in [t_end, T]."""
+    sde = sd.VPSDE()
+    images = sd.GaussianMixture([0.5, 0.5], torch.stack([torch.full((1, 4, 4), -1.0), torch.full((1, 4, 4), 1.0)]),
+                                [0.1, 0.2])
+    seen = []
+
+    def score_fn(x, t):
+        seen.append(t)
+        return images.score_fn(sde)(x, t)
+
+    sol = sd.sample_ode(score_fn, sde, (8, 1, 4, 4), solver="dopri5", generator=torch.Generator().manual_seed(0))
+    times = torch.cat(seen)
+    assert sol.x.shape == (8, 1, 4, 4) and times.min() >= 1e-3 and times.max() <= sde.T
+
+
 def test_generator_reproducibility_and_prior_draws():
     sde = sd.VESDE()
     run = lambda seed: sd.sample_sde(MIXTURE.score_fn(sde), sde, (16, 2), steps=20,  # noqa: E731

@@ -99,6 +99,13 @@ def test_register_solver_rejects_non_solvers():
     with pytest.raises(ValueError, match=r"kind must be None, 'ode' or 'sde'"):
         sd.available_solvers("pde")
 
+    class Impostor(sd.ODESolver):
+        name = "heun"
+
+    with pytest.raises(ValueError, match=r"a solver named 'heun' is registered already; pass overwrite=True"):
+        sd.register_solver(Impostor)
+    assert type(sd.get_solver("heun", "ode")).__name__ == "Heun"
+
 
 def test_reverse_and_adapters_reject_bad_arguments():
     with pytest.raises(ValueError, match=r"stochasticity must be in \[0.0, inf\]"):

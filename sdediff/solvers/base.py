@@ -14,11 +14,17 @@ from ..terms import Field, SDETerm
 
 
 class Solver:
-    """Common metadata. ``order`` is the global order (strong order for SDE solvers)."""
+    """Common metadata.
+
+    ``order``: the global order; for SDE solvers the strong order for general diagonal noise, and
+    ``additive_order`` the strong order for additive noise (every reverse diffusion here), where
+    most methods gain. ``evals_per_step``: drift (score) evaluations per step, 0 when variable.
+    """
 
     name: str = ""
     kind: str = ""
     order: float = 0
+    additive_order: float | None = None
     evals_per_step: int = 1
     adaptive: bool = False
 
@@ -50,21 +56,27 @@ class SolverInfo(NamedTuple):
     order: float
     evals_per_step: int
     adaptive: bool
+    additive_order: float | None
 
 
 _REGISTRY: dict[str, Solver] = {}
 
 
-def register_solver(solver):
+def register_solver(solver=None, *, overwrite: bool = False):
     """Register a solver instance, or a solver class (instantiated without arguments), by its ``name``.
 
-    Usable as a class decorator. Re-registering a name replaces the previous solver.
+    Usable as a class decorator (``@register_solver`` or ``@register_solver(overwrite=True)``).
+    A name already taken raises unless ``overwrite=True``.
     """
+    if solver is None:
+        return lambda s: register_solver(s, overwrite=overwrite)
     instance = solver() if isinstance(solver, type) else solver
     if not isinstance(instance, Solver):
         raise TypeError(f"solver must be a sdediff Solver subclass or instance, got {type(instance).__name__}")
     if not instance.name or instance.kind not in ("ode", "sde"):
         raise ValueError("a registered solver needs a non-empty name and kind 'ode' or 'sde'")
+    if instance.name in _REGISTRY and not overwrite:
+        raise ValueError(f"a solver named {instance.name!r} is registered already; pass overwrite=True to replace it")
     _REGISTRY[instance.name] = instance
     return solver
 
@@ -74,7 +86,7 @@ def available_solvers(kind: str | None = None) -> dict[str, SolverInfo]:
     if kind not in (None, "ode", "sde"):
         raise ValueError(f"kind must be None, 'ode' or 'sde', got {kind!r}")
     return {
-        name: SolverInfo(s.kind, s.order, s.evals_per_step, s.adaptive)
+        name: SolverInfo(s.kind, s.order, s.evals_per_step, s.adaptive, s.additive_order)
         for name, s in sorted(_REGISTRY.items())
         if kind is None or s.kind == kind
     }

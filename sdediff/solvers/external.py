@@ -25,10 +25,14 @@ class TorchdiffeqSolver(ODESolver):
         """States at every time of ``ts`` (monotone, either direction): ``(len(ts), *x.shape)``."""
         import torchdiffeq
 
-        # step_t: land on the final time instead of stepping past it and interpolating, so the
-        # field is never evaluated outside the grid (VP coefficients are undefined for t < 0).
+        # The field must not be evaluated outside the grid (VP coefficients are undefined for
+        # t < 0). step_t makes the last step land on the final time instead of stepping past it
+        # and interpolating; the clamp covers the trial evaluation of torchdiffeq's initial-step
+        # heuristic, which only sizes the first step.
+        lo, hi = ts.min(), ts.max()
         options = {"step_t": ts[-1:]}
-        return torchdiffeq.odeint(lambda t, y: f(y, t), x, ts, method=self.name, rtol=rtol, atol=atol, options=options)
+        return torchdiffeq.odeint(lambda t, y: f(y, t.clamp(lo, hi)), x, ts, method=self.name, rtol=rtol,
+                                  atol=atol, options=options)
 
 
 class _TorchsdeTerm:
@@ -63,9 +67,10 @@ class TorchsdeSolver(SDESolver):
     (SRK then takes its cheaper order-1.5 SRA1 scheme).
     """
 
-    def __init__(self, method: str, order: float, sde_type: str, evals_per_step: int, additive_form: bool = False):
-        self.name, self.order, self.sde_type, self.additive_form = method, order, sde_type, additive_form
-        self.evals_per_step = evals_per_step
+    def __init__(self, method: str, order: float, additive_order: float, sde_type: str, evals_per_step: int,
+                 additive_form: bool = False):
+        self.name, self.order, self.additive_order = method, order, additive_order
+        self.sde_type, self.evals_per_step, self.additive_form = sde_type, evals_per_step, additive_form
 
     def solve(self, term: SDETerm, x: torch.Tensor, ts: torch.Tensor, *, bm=None, generator=None) -> torch.Tensor:
         """States at every time of ``ts``: ``(len(ts), *x.shape)``.
@@ -107,8 +112,8 @@ class TorchsdeSolver(SDESolver):
 
 for _method, _order in (("dopri5", 5), ("dopri8", 8), ("bosh3", 3), ("fehlberg2", 2), ("adaptive_heun", 2)):
     register_solver(TorchdiffeqSolver(_method, _order))
-# Strong orders and drift evaluations per step for additive noise, the case of every reverse-time
-# diffusion here (torchsde's SRA1 evaluates its first stage twice; reversible Heun adds one
-# evaluation at the start).
-register_solver(TorchsdeSolver("srk", 1.5, "ito", evals_per_step=3, additive_form=True))
-register_solver(TorchsdeSolver("reversible_heun", 1.0, "stratonovich", evals_per_step=1))
+# Strong orders (diagonal, additive noise) and drift evaluations per step for additive noise, the
+# case of every reverse-time diffusion here (torchsde's SRA1 evaluates its first stage twice;
+# reversible Heun adds one evaluation at the start).
+register_solver(TorchsdeSolver("srk", 1.0, 1.5, "ito", evals_per_step=3, additive_form=True))
+register_solver(TorchsdeSolver("reversible_heun", 0.5, 1.0, "stratonovich", evals_per_step=1))

@@ -15,7 +15,7 @@ from .base import SDESolver, register_solver
 class EulerMaruyama(SDESolver):
     """``x1 = x0 + b h + g dW``; strong order 0.5 (1.0 for additive noise), weak order 1."""
 
-    name, order, evals_per_step = "euler_maruyama", 0.5, 1
+    name, order, additive_order, evals_per_step = "euler_maruyama", 0.5, 1.0, 1
 
     def step(self, term, x, t0, t1, dw):
         x1 = x + (t1 - t0) * term.drift(x, t0)
@@ -30,7 +30,7 @@ class Milstein(SDESolver):
     and VE SDEs and their reverses) the correction vanishes and Milstein *is* Euler–Maruyama.
     """
 
-    name, order, evals_per_step = "milstein", 1.0, 1
+    name, order, additive_order, evals_per_step = "milstein", 1.0, 1.0, 1
 
     def step(self, term, x, t0, t1, dw):
         h = t1 - t0
