@@ -92,13 +92,17 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, brownian=None,
     """Integrate an :class:`ODETerm` or :class:`SDETerm` from ``ts[0]`` through the grid ``ts``.
 
     ``x: (batch, *dims)`` is the state at ``ts[0]``; ``ts: (n + 1,)`` is strictly monotone.
-    ``solver``: a registered name or a solver instance of the term's kind. For SDEs, the noise is
-    drawn from ``generator``, or replayed from ``brownian``: a callable ``(t0, t1) -> dW``
-    (variance ``|t1 - t0|``, shape of ``x``; not for torchsde solvers, which need Lévy areas), or
-    a torchsde Brownian motion of shape ``(batch, prod(dims))`` over the elapsed time
-    ``|t - ts[0]|``, which every SDE solver reads alike (the same path across solvers). ``noise_free_last_step`` drops the noise of the final
-    step. ``rtol``/``atol`` apply to adaptive solvers. Non-finite states raise
-    :class:`NonFiniteError` naming the step and time, checked once at the end (no per-step sync).
+    ``solver``: a registered name or a solver instance of the term's kind.
+
+    For SDEs the noise is drawn from ``generator``, or replayed from ``brownian``: a callable
+    ``(t0, t1) -> dW`` (variance ``|t1 - t0|``, shape of ``x``; not for torchsde solvers, which
+    need Lévy areas), or a torchsde Brownian motion of shape ``(batch, prod(dims))`` over the
+    elapsed time ``|t - ts[0]|``, which every SDE solver reads alike (the same path across
+    solvers). ``noise_free_last_step`` drops the noise of the final step.
+
+    ``rtol``/``atol`` apply to adaptive solvers; ``progress`` shows a bar for fixed-step ones.
+    Non-finite states raise :class:`NonFiniteError` naming the step and time, checked once at the
+    end (no per-step host sync).
     """
     x = _checks.batched("x", x)
     ts = check_grid(ts).to(device=x.device, dtype=x.dtype)
@@ -126,7 +130,8 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, brownian=None,
         elif _is_torchsde_brownian(brownian):
             brownian = _elapsed_time_increments(brownian, x, ts[0])
         elif not callable(brownian):
-            raise TypeError(f"brownian must be callable (t0, t1) -> dW or a torchsde Brownian motion, got {type(brownian).__name__}")
+            raise TypeError("brownian must be callable (t0, t1) -> dW or a torchsde Brownian motion, "
+                            f"got {type(brownian).__name__}")
     first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
     xs = [x] if return_trajectory else None
     for i in tqdm(range(steps), disable=not progress, desc=solver.name, leave=False):
