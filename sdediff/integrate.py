@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from . import _checks
 from ._tensors import nonfinite
 from .solvers.base import ODESolver, SDESolver, get_solver
-from .solvers.external import TorchdiffeqSolver, TorchsdeSolver
+from .solvers.external import TorchdiffeqSolver, TorchsdeSolver, elapsed_time
 from .terms import ODETerm, SDETerm
 
 
@@ -76,7 +76,7 @@ def _elapsed_time_increments(bm, x: torch.Tensor, t_first: torch.Tensor):
     """Read a torchsde Brownian motion over the elapsed time ``|t - t_first|``, as torchsde solvers do here."""
 
     def brownian(t0, t1):
-        return bm((t0 - t_first).abs(), (t1 - t_first).abs()).reshape(x.shape)
+        return bm(elapsed_time(t0, t_first), elapsed_time(t1, t_first)).reshape(x.shape)
 
     return brownian
 

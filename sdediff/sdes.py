@@ -6,9 +6,8 @@ the log signal-to-noise ratio ``log_snr(t) = 2 log(alpha / sigma)`` is invertibl
 Conventions: ``x`` is ``(batch, *dims)``; ``t`` is a float tensor of shape ``(batch,)`` or a
 0-d tensor or Python float (broadcast over the batch). Results take the dtype and device of ``x``
 (or of ``t`` where there is no ``x``; float64 for a Python float). Public methods validate ``t``;
-the underscored primitives
-(``_drift_coef``, ``_g2``, ``_alpha_sigma``, ``_log_snr``, ``_t_from_log_snr``) do not, and are
-what integration loops call.
+the underscored primitives (``_drift_coef``, ``_g2``, ``_alpha_sigma``, ``_log_snr``,
+``_t_from_log_snr``) do not, and are what integration loops call.
 """
 
 from __future__ import annotations

@@ -35,6 +35,15 @@ class TorchdiffeqSolver(ODESolver):
                                   atol=atol, options=options)
 
 
+def elapsed_time(t: torch.Tensor, t_first: torch.Tensor) -> torch.Tensor:
+    """torchsde's increasing time ``s = |t - t_first|`` for a grid starting at ``t_first``.
+
+    The one place this map is written: every reader of a torchsde Brownian motion must query it
+    at bitwise the same times to see the same path.
+    """
+    return (t - t_first).abs()
+
+
 class _TorchsdeTerm:
     """An :class:`SDETerm` in torchsde's form: elapsed time ``s = |t - t_first|``, flat states."""
 
@@ -88,7 +97,7 @@ class TorchsdeSolver(SDESolver):
                             f"got {type(bm).__name__}")
         ts_host = ts.detach().to("cpu", torch.float64)
         direction = 1.0 if ts_host[-1] > ts_host[0] else -1.0
-        s = (ts - ts[0]).abs()
+        s = elapsed_time(ts, ts[0])
         y = x.reshape(x.shape[0], -1)
         if bm is None:
             gen_device = generator.device if generator is not None else "cpu"
