@@ -1,18 +1,21 @@
 """sdediff: diffusion models as continuous-time SDEs and ODEs.
 
 Forward processes (:class:`VPSDE`, :class:`SubVPSDE`, :class:`VESDE`), their reverse-time SDE and
-probability-flow ODE, pluggable solvers, the sampling loops and an exact Gaussian-mixture test bed.
+probability-flow ODE, pluggable solvers, the sampling loops, the classic samplers (DDPM, DDIM,
+annealed Langevin, predictor–corrector) as their discretizations, and an exact Gaussian-mixture test bed.
 """
 
 from .analytic import GaussianMixture
-from .grids import time_grid
+from .classic import sample_ald, sample_ddim, sample_ddpm, sample_pc
+from .grids import discrete_time_grid, time_grid
 from .integrate import NonFiniteError, Solution, integrate
-from .models import as_score_fn, score_from_eps, score_from_v, score_from_x0
+from .models import as_score_fn, discrete_score_fn, from_diffusers, score_from_eps, score_from_v, score_from_x0
 from .reverse import ReverseProcess
 from .sampling import sample_ode, sample_sde
 from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, Schedule
 from .sdes import SDE, SubVPSDE, VESDE, VPSDE
-from .solvers import ODESolver, SDESolver, Solver, available_solvers, get_solver, register_solver
+from .solvers import (AnnealedLangevin, Corrector, LangevinCorrector, ODESolver, SDESolver, Solver, available_solvers,
+                      get_solver, register_solver)
 from .terms import ODETerm, SDETerm
 
 __version__ = "0.1.0"
@@ -20,7 +23,9 @@ __version__ = "0.1.0"
 __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseProcess",
     "Schedule", "LinearSchedule", "CosineSchedule", "DiscreteSchedule",
-    "sample_ode", "sample_sde", "integrate", "Solution", "NonFiniteError", "time_grid",
+    "sample_ode", "sample_sde", "integrate", "Solution", "NonFiniteError", "time_grid", "discrete_time_grid",
+    "sample_ddpm", "sample_ddim", "sample_ald", "sample_pc", "Corrector", "LangevinCorrector", "AnnealedLangevin",
     "ODETerm", "SDETerm", "Solver", "ODESolver", "SDESolver", "available_solvers", "get_solver", "register_solver",
-    "GaussianMixture", "as_score_fn", "score_from_eps", "score_from_x0", "score_from_v",
+    "GaussianMixture", "as_score_fn", "score_from_eps", "score_from_x0", "score_from_v", "discrete_score_fn",
+    "from_diffusers",
 ]

@@ -6,6 +6,9 @@
   in the noise-to-signal ratio ``sigma/alpha = exp(-lambda/2)``, with ``rho = 7``.
 * ``"quadratic"``: ``t_i = t_end + (t_start - t_end)(1 - i/n)^2``, dense near the data (DDIM).
 * a user tensor: strictly monotone, inside ``[0, T]``; returned in decreasing order.
+
+:func:`discrete_time_grid` gives the grids of the discrete-time samplers (DDPM, DDIM): a
+sub-sequence of the N training timesteps, ending at ``t = 0``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from . import _checks
 from .sdes import SDE
 
 GRIDS = ("uniform", "log_snr", "karras", "quadratic")
+SPACINGS = ("uniform", "leading", "trailing", "linspace", "quadratic")
+DEFAULT_TRAIN_TIMESTEPS = 1000
 
 
 def time_grid(sde: SDE, steps: int, *, grid="uniform", t_start: float | None = None, t_end: float = 1e-3,
@@ -68,3 +73,46 @@ def _user_grid(sde: SDE, grid: torch.Tensor, steps) -> torch.Tensor:
     if bool(grid[-1] <= 0):
         raise ValueError("grid must end at a time t_end > 0")
     return grid
+
+
+def discrete_time_grid(sde: SDE, steps: int, *, spacing: str = "uniform", num_train_timesteps: int | None = None,
+                       dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """Times ``(steps + 1,)`` of ``steps`` training timesteps ``n`` (0-based, decreasing), then ``t = 0``.
+
+    Timestep ``n`` of ``N`` sits at ``t = T (n + 1) / N``: for a VPSDE built by
+    :meth:`VPSDE.from_betas` (``N`` = its number of betas) ``alpha(t)^2`` is then exactly
+    ``alphas_cumprod[n]``, and the final step to ``t = 0`` uses ``alphas_cumprod = 1`` (DDPM).
+    Other SDEs use ``N = num_train_timesteps`` (default 1000). Spacings, with ``c = N // steps``:
+
+    * ``"uniform"`` (DDIM paper) = ``"leading"`` (diffusers): ``n = 0, c, 2c, ...``;
+    * ``"trailing"`` (diffusers): ``round(N - i N / steps) - 1``, which includes ``n = N - 1``;
+    * ``"linspace"`` (diffusers): ``round(linspace(0, N - 1, steps))``;
+    * ``"quadratic"`` (DDIM paper): ``floor(linspace(0, sqrt(0.8 N), steps)^2)``.
+    """
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    N = getattr(sde.schedule, "N", None) if hasattr(sde, "schedule") else None
+    if N is None:
+        N = DEFAULT_TRAIN_TIMESTEPS if num_train_timesteps is None else num_train_timesteps
+        N = _checks.positive_int("num_train_timesteps", N)
+    elif num_train_timesteps is not None and num_train_timesteps != N:
+        raise ValueError(f"num_train_timesteps={num_train_timesteps} disagrees with the sde's {N} discrete betas")
+    steps = _checks.positive_int("steps", steps)
+    if steps > N:
+        raise ValueError(f"steps must be <= the {N} training timesteps, got {steps}")
+    i = torch.arange(steps, dtype=torch.float64)
+    if spacing in ("uniform", "leading"):
+        n = i * (N // steps)
+    elif spacing == "trailing":
+        n = torch.round(N - i * (N / steps)) - 1
+    elif spacing == "linspace":
+        n = torch.round(torch.linspace(0.0, N - 1, steps, dtype=torch.float64))
+    elif spacing == "quadratic":
+        n = torch.floor(torch.linspace(0.0, (0.8 * N) ** 0.5, steps, dtype=torch.float64) ** 2)
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    n = torch.sort(n, descending=True).values
+    if steps > 1 and not bool((n[:-1] > n[1:]).all()):
+        raise ValueError(f"spacing {spacing!r} repeats timesteps for steps={steps} of N={N}; use fewer steps")
+    ts = torch.cat([sde.T * (n + 1) / N, torch.zeros(1, dtype=torch.float64)])
+    return ts.to(dtype=dtype, device=device)

@@ -12,6 +12,7 @@ from . import _checks
 from ._tensors import nonfinite
 from .solvers.base import ODESolver, SDESolver, get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver, elapsed_time
+from .solvers.langevin import Corrector
 from .terms import ODETerm, SDETerm
 
 
@@ -81,12 +82,29 @@ def _elapsed_time_increments(bm, x: torch.Tensor, t_first: torch.Tensor):
     return brownian
 
 
-def _raise_nonfinite(step: int, ts: torch.Tensor):
+def _raise_nonfinite(step: int, ts: torch.Tensor, corrector_only: bool = False):
+    if corrector_only:
+        raise NonFiniteError(f"non-finite values in the state after the corrector steps at t = {ts[step].item():.6g}")
     t0, t1 = ts[step].item(), ts[step + 1].item()
     raise NonFiniteError(f"non-finite values in the state after step {step} (t = {t0:.6g} -> {t1:.6g})")
 
 
-def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, brownian=None, generator=None,
+def _counted_term(term):
+    """``(term, counter)``: the term with its score (when it carries a process) or its field counted."""
+    if isinstance(term, (ODETerm, SDETerm)) and term.process is not None:
+        counter = _Counted(term.process.score_fn)
+        process = term.process.with_score_fn(counter)
+        return (process.ode_term() if isinstance(term, ODETerm) else process.sde_term()), counter
+    if isinstance(term, ODETerm):
+        counter = _Counted(term.vector_field)
+        return ODETerm(counter), counter
+    if isinstance(term, SDETerm):
+        counter = _Counted(term.drift)
+        return SDETerm(counter, term.diffusion, term.additive, term.diffusion_dx), counter
+    raise TypeError(f"term must be an ODETerm or SDETerm, got {type(term).__name__}")
+
+
+def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None, brownian=None, generator=None,
               noise_free_last_step: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
               return_trajectory: bool = False, progress: bool = False) -> Solution:
     """Integrate an :class:`ODETerm` or :class:`SDETerm` from ``ts[0]`` through the grid ``ts``.
@@ -100,54 +118,75 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, brownian=None,
     elapsed time ``|t - ts[0]|``, which every SDE solver reads alike (the same path across
     solvers). ``noise_free_last_step`` drops the noise of the final step.
 
+    ``corrector`` (a :class:`~sdediff.solvers.Corrector`, for terms that carry a reverse process)
+    runs its Langevin steps at ``ts[i]`` before each step (predictor–corrector, in score_sde's
+    order), drawing its noise from ``generator``. With ``solver=None`` nothing is stepped: the
+    corrector runs at every time of ``ts`` (annealed Langevin dynamics).
+
     ``rtol``/``atol`` apply to adaptive solvers; ``progress`` shows a bar for fixed-step ones.
-    Non-finite states raise :class:`NonFiniteError` naming the step and time, checked once at the
-    end (no per-step host sync).
+    ``nfe`` counts score calls for terms with a process and field calls otherwise. Non-finite
+    states raise :class:`NonFiniteError` naming the step and time, checked once at the end (no
+    per-step host sync).
     """
     x = _checks.batched("x", x)
     ts = check_grid(ts).to(device=x.device, dtype=x.dtype)
-    if isinstance(term, ODETerm):
-        solver = get_solver(solver, "ode")
-        field = _Counted(term.vector_field)
-    elif isinstance(term, SDETerm):
-        solver = get_solver(solver, "sde")
-        field = _Counted(term.drift)
-        term = SDETerm(field, term.diffusion, term.additive, term.diffusion_dx)
-    else:
-        raise TypeError(f"term must be an ODETerm or SDETerm, got {type(term).__name__}")
+    term, counter = _counted_term(term)
+    if solver is None and corrector is None:
+        raise ValueError("give a solver, a corrector, or both")
+    if solver is not None:
+        solver = get_solver(solver, "ode" if isinstance(term, ODETerm) else "sde")
+        solver.check_term(term)
+    if corrector is not None:
+        if not isinstance(corrector, Corrector):
+            raise TypeError(f"corrector must be a sdediff Corrector, got {type(corrector).__name__}")
+        if term.process is None:
+            raise TypeError("a corrector needs the score: give a term built by ReverseProcess.ode_term() / .sde_term()")
 
     if isinstance(solver, (TorchdiffeqSolver, TorchsdeSolver)):
+        if corrector is not None:
+            raise ValueError(f"solver {solver.name!r} runs its own loop and cannot be combined with a corrector")
+        field = term.vector_field if isinstance(term, ODETerm) else term.drift
         xs = _solve_external(solver, term, field, x, ts, brownian, generator, noise_free_last_step, rtol, atol)
         finite = torch.isfinite(xs.reshape(len(ts), -1)).all(1)
         if not bool(finite.all()):
             _raise_nonfinite(int((~finite).nonzero()[0]) - 1, ts)
-        return Solution(xs[-1], ts, xs if return_trajectory else None, field.count)
+        return Solution(xs[-1], ts, xs if return_trajectory else None, counter.count)
 
     steps = len(ts) - 1
     if isinstance(solver, SDESolver):
-        if brownian is None:
-            brownian = gaussian_increments(x, generator)
-        elif _is_torchsde_brownian(brownian):
-            brownian = _elapsed_time_increments(brownian, x, ts[0])
-        elif not callable(brownian):
-            raise TypeError("brownian must be callable (t0, t1) -> dW or a torchsde Brownian motion, "
-                            f"got {type(brownian).__name__}")
+        brownian = _increments(brownian, x, ts, generator)
     first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
-    xs = [x] if return_trajectory else None
-    for i in tqdm(range(steps), disable=not progress, desc=solver.name, leave=False):
-        t0, t1 = ts[i], ts[i + 1]
+    xs = [x] if return_trajectory and solver is not None else ([] if return_trajectory else None)
+    name = solver.name if solver is not None else type(corrector).__name__
+    for i in tqdm(range(steps + (solver is None)), disable=not progress, desc=name, leave=False):
+        t0 = ts[i]
+        if corrector is not None:
+            for _ in range(corrector.n_steps):
+                z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+                x = corrector.step(term.process, x, t0, z)
         if isinstance(solver, ODESolver):
-            x = solver.step(field, x, t0, t1)
-        else:
-            dw = None if (noise_free_last_step and i == steps - 1) else brownian(t0, t1)
-            x = solver.step(term, x, t0, t1, dw)
+            x = solver.step(term, x, t0, ts[i + 1])
+        elif solver is not None:
+            dw = None if (noise_free_last_step and i == steps - 1) else brownian(t0, ts[i + 1])
+            x = solver.step(term, x, t0, ts[i + 1], dw)
         first_bad = torch.where((first_bad < 0) & nonfinite(x), i, first_bad)
         if xs is not None:
             xs.append(x)
     bad = int(first_bad)  # the one host sync of the loop
     if bad >= 0:
-        _raise_nonfinite(bad, ts)
-    return Solution(x, ts, torch.stack(xs) if xs is not None else None, field.count)
+        _raise_nonfinite(bad, ts, corrector_only=solver is None)
+    return Solution(x, ts, torch.stack(xs) if xs is not None else None, counter.count)
+
+
+def _increments(brownian, x, ts, generator):
+    if brownian is None:
+        return gaussian_increments(x, generator)
+    if _is_torchsde_brownian(brownian):
+        return _elapsed_time_increments(brownian, x, ts[0])
+    if not callable(brownian):
+        raise TypeError("brownian must be callable (t0, t1) -> dW or a torchsde Brownian motion, "
+                        f"got {type(brownian).__name__}")
+    return brownian
 
 
 def _solve_external(solver, term, field, x, ts, brownian, generator, noise_free_last_step, rtol, atol):

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import torch
 
+import copy
+
 from . import _checks
 from .sdes import SDE, bcast
+from .terms import ODETerm, SDETerm
 
 
 class ReverseProcess:
@@ -67,6 +70,29 @@ class ReverseProcess:
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         """``s g(t)``, shape of ``t``."""
         return self.stochasticity * torch.sqrt(self.sde._g2(t))
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The denoised ``x0 = (x + sigma^2 score) / alpha`` and the noise ``eps = -sigma score`` (one score call).
+
+        These are the posterior means ``E[x_0 | x_t]`` (Tweedie) and ``E[eps | x_t]``.
+        """
+        alpha, sigma = (bcast(c, x) for c in self.sde._alpha_sigma(t))
+        eps = -sigma * self.score(x, t)
+        return (x - sigma * eps) / alpha, eps
+
+    def with_score_fn(self, score_fn) -> "ReverseProcess":
+        """A copy of this process that calls ``score_fn`` instead (e.g. a counting wrapper)."""
+        twin = copy.copy(self)
+        twin.score_fn = _checks.callable_("score_fn", score_fn)
+        return twin
+
+    def ode_term(self) -> ODETerm:
+        """The term ``dx/dt = drift(x, t)`` for the loop, carrying this process for transition-based solvers."""
+        return ODETerm(self.drift, process=self)
+
+    def sde_term(self) -> SDETerm:
+        """The term ``dx = drift dt + s g(t) dW̄`` (additive noise), carrying this process."""
+        return SDETerm(self.drift, lambda x, t: bcast(self.diffusion(t), x), additive=True, process=self)
 
     # torchdiffeq: dy/dt = func(t, y)
     def __call__(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -9,9 +9,8 @@ from .grids import time_grid
 from ._tensors import nonfinite
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
-from .sdes import SDE, bcast
+from .sdes import SDE
 from .solvers.base import get_solver
-from .terms import ODETerm, SDETerm
 
 DEFAULT_ODE_STEPS = 50
 DEFAULT_SDE_STEPS = 1000
@@ -32,13 +31,18 @@ class _ScoreMonitor:
         return score
 
 
-def _prepare(score_fn, sde, x, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
+def _start(score_fn, sde, x, generator, device, dtype):
+    """Validate the common inputs; draw ``x`` from the prior when it is a shape."""
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdediff SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde).__name__}")
     _checks.callable_("score_fn", score_fn)
     if isinstance(x, (tuple, list, torch.Size)):
         x = sde.prior_sample(tuple(x), generator=generator, device=device, dtype=dtype)
-    x = _checks.batched("x", x)
+    return _checks.batched("x", x), _ScoreMonitor(score_fn)
+
+
+def _prepare(score_fn, sde, x, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
+    x, monitor = _start(score_fn, sde, x, generator, device, dtype)
     if isinstance(grid, torch.Tensor):
         if t_start is not None or t_end is not None:
             raise ValueError("t_start and t_end are set by the grid tensor; do not pass them with it")
@@ -46,7 +50,7 @@ def _prepare(score_fn, sde, x, steps, default_steps, t_start, t_end, grid, gener
         steps = default_steps if steps is None else steps
         t_end = DEFAULT_T_END if t_end is None else t_end
     ts = time_grid(sde, steps, grid=grid, t_start=t_start, t_end=t_end, dtype=x.dtype, device=x.device)
-    return x, ts, _ScoreMonitor(score_fn)
+    return x, ts, monitor
 
 
 def _run(term, x, ts, monitor: _ScoreMonitor, **kwargs) -> Solution:
@@ -78,9 +82,9 @@ def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver="heun"
     x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_ODE_STEPS, t_start, t_end, grid, generator, device, dtype)
     if solver.adaptive and not return_trajectory:
         ts = ts[[0, -1]]
-    flow = ReverseProcess(sde, monitor, 0.0)
-    return _run(ODETerm(flow.drift), x, ts, monitor, solver=solver, rtol=rtol, atol=atol,
-                return_trajectory=return_trajectory, progress=progress)
+    term = ReverseProcess(sde, monitor, 0.0).ode_term()
+    return _run(term, x, ts, monitor, solver=solver, rtol=rtol, atol=atol, return_trajectory=return_trajectory,
+                progress=progress)
 
 
 def sample_sde(score_fn, sde: SDE, x, *, steps: int | None = None, solver="euler_maruyama",
@@ -99,7 +103,6 @@ def sample_sde(score_fn, sde: SDE, x, *, steps: int | None = None, solver="euler
     """
     solver = get_solver(solver, "sde")
     x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_SDE_STEPS, t_start, t_end, grid, generator, device, dtype)
-    process = ReverseProcess(sde, monitor, stochasticity)
-    term = SDETerm(process.drift, lambda x_, t: bcast(process.diffusion(t), x_), additive=True)
+    term = ReverseProcess(sde, monitor, stochasticity).sde_term()
     return _run(term, x, ts, monitor, solver=solver, brownian=brownian, generator=generator,
                 noise_free_last_step=noise_free_last_step, return_trajectory=return_trajectory, progress=progress)

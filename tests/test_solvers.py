@@ -259,8 +259,8 @@ class Ralston(sd.ODESolver):
 
     name, order, evals_per_step = "ralston", 2, 2
 
-    def step(self, f, x, t0, t1):
-        h = t1 - t0
+    def step(self, term, x, t0, t1):
+        f, h = term.vector_field, t1 - t0
         k1 = f(x, t0)
         k2 = f(x + (2.0 / 3.0) * h * k1, t0 + (2.0 / 3.0) * h)
         return x + h * (0.25 * k1 + 0.75 * k2)

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-from ..terms import Field, SDETerm
+from ..terms import ODETerm, SDETerm
 
 
 class Solver:
@@ -19,6 +19,8 @@ class Solver:
     ``order``: the global order; for SDE solvers the strong order for general diagonal noise, and
     ``additive_order`` the strong order for additive noise (every reverse diffusion here), where
     most methods gain. ``evals_per_step``: drift (score) evaluations per step, 0 when variable.
+    ``needs_process``: the step reads ``term.process`` (the reverse process of a forward SDE with
+    closed-form ``alpha``, ``sigma``) instead of the bare vector field.
     """
 
     name: str = ""
@@ -27,6 +29,13 @@ class Solver:
     additive_order: float | None = None
     evals_per_step: int = 1
     adaptive: bool = False
+    needs_process: bool = False
+
+    def check_term(self, term) -> None:
+        """Called once by the integration loop before stepping: raise if ``term`` cannot be solved."""
+        if self.needs_process and getattr(term, "process", None) is None:
+            raise TypeError(f"solver {self.name!r} steps a diffusion's reverse process; give it a term built by "
+                            "ReverseProcess.ode_term() / .sde_term() (as sample_ode and sample_sde do)")
 
     def __repr__(self):
         return f"{type(self).__name__}(name={self.name!r}, kind={self.kind!r}, order={self.order})"
@@ -35,8 +44,8 @@ class Solver:
 class ODESolver(Solver):
     kind = "ode"
 
-    def step(self, f: Field, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
-        """One step of ``dx/dt = f(x, t)`` from ``t0`` to ``t1`` (either direction); 0-d times."""
+    def step(self, term: ODETerm, x: torch.Tensor, t0: torch.Tensor, t1: torch.Tensor) -> torch.Tensor:
+        """One step of ``dx/dt = term.vector_field(x, t)`` from ``t0`` to ``t1`` (either direction); 0-d times."""
         raise NotImplementedError
 
 
@@ -57,6 +66,7 @@ class SolverInfo(NamedTuple):
     evals_per_step: int
     adaptive: bool
     additive_order: float | None
+    needs_process: bool = False
 
 
 _REGISTRY: dict[str, Solver] = {}
@@ -86,7 +96,7 @@ def available_solvers(kind: str | None = None) -> dict[str, SolverInfo]:
     if kind not in (None, "ode", "sde"):
         raise ValueError(f"kind must be None, 'ode' or 'sde', got {kind!r}")
     return {
-        name: SolverInfo(s.kind, s.order, s.evals_per_step, s.adaptive, s.additive_order)
+        name: SolverInfo(s.kind, s.order, s.evals_per_step, s.adaptive, s.additive_order, s.needs_process)
         for name, s in sorted(_REGISTRY.items())
         if kind is None or s.kind == kind
     }

@@ -1,4 +1,7 @@
-"""Explicit Runge–Kutta solvers for ``dx/dt = f(x, t)`` on a fixed grid (either time direction)."""
+"""Explicit Runge–Kutta solvers for ``dx/dt = f(x, t)`` (``f = term.vector_field``) on a fixed grid.
+
+Steps may run in either time direction.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,8 @@ class Euler(ODESolver):
 
     name, order, evals_per_step = "euler", 1, 1
 
-    def step(self, f, x, t0, t1):
+    def step(self, term, x, t0, t1):
+        f = term.vector_field
         return x + (t1 - t0) * f(x, t0)
 
 
@@ -21,7 +25,8 @@ class Midpoint(ODESolver):
 
     name, order, evals_per_step = "midpoint", 2, 2
 
-    def step(self, f, x, t0, t1):
+    def step(self, term, x, t0, t1):
+        f = term.vector_field
         h = t1 - t0
         k1 = f(x, t0)
         return x + h * f(x + 0.5 * h * k1, t0 + 0.5 * h)
@@ -33,7 +38,8 @@ class Heun(ODESolver):
 
     name, order, evals_per_step = "heun", 2, 2
 
-    def step(self, f, x, t0, t1):
+    def step(self, term, x, t0, t1):
+        f = term.vector_field
         h = t1 - t0
         k1 = f(x, t0)
         k2 = f(x + h * k1, t1)
@@ -46,7 +52,8 @@ class RK4(ODESolver):
 
     name, order, evals_per_step = "rk4", 4, 4
 
-    def step(self, f, x, t0, t1):
+    def step(self, term, x, t0, t1):
+        f = term.vector_field
         h = t1 - t0
         half = t0 + 0.5 * h
         k1 = f(x, t0)
