@@ -81,11 +81,14 @@ def sample_ald(score_fn, sde: VESDE, x, *, levels=10, steps_per_level: int = 100
     ``sde.sigma_max`` to ``sde.sigma_min``, or a decreasing 1-D tensor of sigmas in that range),
     ``steps_per_level`` updates ``x <- x + (a_i / 2) score(x, sigma_i) + sqrt(a_i) z`` with
     ``a_i = step_ratio sigma_i^2 / sigma_L^2``. Returns samples of the data convolved with
-    ``N(0, sigma_L^2)``, approximately (Langevin with a finite step is biased). ``return_trajectory``
+    ``N(0, sigma_L^2)``, approximately: Langevin with a finite step is biased, and with few levels
+    the chains do not cross between well-separated modes, so mode weights can be off (on the 2-D
+    test mixtures, 10 levels gave a 0.30 mode 0.345; 20 levels, 0.317). ``return_trajectory``
     gives the state after each level.
     """
     if not isinstance(sde, VESDE):
         raise TypeError(f"sample_ald needs a VESDE (NCSN's noise levels), got {type(sde).__name__}")
+    _checks.positive_int("steps_per_level", steps_per_level)
     x, monitor = _start(score_fn, sde, x, generator, device, dtype)
     sigmas = _levels(sde, levels)
     ts = (torch.log(sigmas / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)).clamp(0.0, sde.T)
@@ -100,7 +103,10 @@ def _levels(sde: VESDE, levels) -> torch.Tensor:
         sigmas = _checks.float_tensor("levels", levels).detach().to(torch.float64).cpu()
         if sigmas.dim() != 1 or sigmas.numel() < 2 or not bool((sigmas[1:] < sigmas[:-1]).all()):
             raise ValueError("levels must be a count or a strictly decreasing 1-D tensor of at least 2 sigmas")
-        _checks.within("levels", sigmas, sde.sigma_min * (1 - 1e-6), sde.sigma_max * (1 + 1e-6))  # float32 input
+        lo, hi = sde.sigma_min, sde.sigma_max
+        if bool(((sigmas < lo * (1 - 1e-6)) | (sigmas > hi * (1 + 1e-6))).any()):  # slack for float32 input
+            raise ValueError(f"levels must lie in [{lo:g}, {hi:g}] (sde.sigma_min, sde.sigma_max), "
+                             f"got {sigmas.min().item():g} .. {sigmas.max().item():g}")
         return sigmas
     n = _checks.positive_int("levels", levels)
     if n < 2:
@@ -121,6 +127,7 @@ def sample_pc(score_fn, sde, x, *, steps: int = 1000, predictor="reverse_diffusi
     :class:`~sdediff.solvers.Corrector` instance. Grid arguments as in :func:`sdediff.sample_sde`;
     the last predictor step is noise-free by default, as score_sde's.
     """
+    _checks.positive_int("n_corrector_steps", n_corrector_steps)
     if predictor is not None:
         predictor = get_solver(predictor, "sde")
     if corrector == "langevin":

@@ -1,4 +1,5 @@
-"""Smoke test of the examples: ``examples/compare_solvers.py --quick`` runs and its numbers are sane."""
+"""Smoke tests of the examples: ``compare_solvers.py --quick`` and ``classic_samplers.py --quick`` run and their
+numbers are sane."""
 
 import json
 import math
@@ -16,14 +17,20 @@ pytest.importorskip("matplotlib")
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.fixture(scope="module")
-def compare_solvers(tmp_path_factory):
-    out = tmp_path_factory.mktemp("compare_solvers") / "x.png"
+def run_quick(example: str, tmp_path_factory):
+    """Run ``examples/<example>.py --quick --out <tmp>/x.png``; return the figure path and stdout."""
+    out = tmp_path_factory.mktemp(example) / "x.png"
     env = dict(os.environ, MPLBACKEND="Agg")
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "compare_solvers.py"), "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(EXAMPLES / f"{example}.py"), "--quick", "--out", str(out)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return out, proc.stdout, json.loads(out.with_suffix(".json").read_text())
+    return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def compare_solvers(tmp_path_factory):
+    out, stdout = run_quick("compare_solvers", tmp_path_factory)
+    return out, stdout, json.loads(out.with_suffix(".json").read_text())
 
 
 def by_solver(rows, name):
@@ -60,3 +67,41 @@ def test_sde_errors_are_sane(compare_solvers):
     assert em[0]["error"] > 3 * em[-1]["error"] and em[-1]["error"] < 3 * floor
     for name in ("euler_maruyama", "milstein", "srk"):
         assert all(r["mode_error"] < 0.1 for r in by_solver(table["rows"], name))
+
+
+CLASSIC_SAMPLERS = ("ddpm", "ddim_eta0", "ddim_eta1", "ald", "pc", "sde", "ode", "exact")
+
+
+@pytest.fixture(scope="module")
+def classic_samplers(tmp_path_factory):
+    out, stdout = run_quick("classic_samplers", tmp_path_factory)
+    rows = {}  # sampler -> (NFE, mode err, mean err, logp gap): the columns before the last of the printed table
+    for line in stdout.splitlines():
+        words = line.split()
+        if words and words[0] in CLASSIC_SAMPLERS:
+            rows[words[0]] = (int(words[-5]), float(words[-4]), float(words[-3]), float(words[-2]))
+    return out, stdout, rows
+
+
+def test_classic_samplers_plot_and_table(classic_samplers):
+    out, stdout, rows = classic_samplers
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+    assert set(rows) == set(CLASSIC_SAMPLERS), stdout
+    assert rows["exact"][0] == 0 and all(rows[k][0] > 0 for k in CLASSIC_SAMPLERS if k != "exact")
+    assert rows["ddim_eta0"][0] == rows["ddim_eta1"][0]  # one score call per DDIM step, whatever eta
+    assert rows["pc"][0] == 2 * 100  # quick: 100 steps of one predictor and one corrector call each
+
+
+def test_classic_samplers_reproduce_the_mixture(classic_samplers):
+    """Quick mode draws 1000 samples. For exact draws the mode-weight error is about 0.016 (sd 0.009), the
+    mean's standard error is sqrt(trace(cov) / 1000) = 0.062 and the logp gap's is 1 / sqrt(1000) = 0.03.
+    The coarse quick-mode samplers are biased in the spread (logp gap up to about 0.4: DDIM with eta = 1
+    and 20 steps is too concentrated, the 10-step ODE too spread out), not in the weights or the mean.
+    Returning the prior draws unchanged gives a mode error of 0.09, a mean error of 0.24 and a logp gap
+    of 10: the mean and weight bounds alone would not catch it, the logp bound does."""
+    _, stdout, rows = classic_samplers
+    se = float(stdout.split("mean se (standard error of the mean, sqrt(trace(cov) / n)):")[1].split()[0])
+    assert 0.05 < se < 0.07
+    for name, (nfe, mode_err, mean_err, logp_gap) in rows.items():
+        assert 0 <= mode_err < 0.1 and 0 <= mean_err < 5 * se and abs(logp_gap) < 1.0, (name, rows[name])
+    assert abs(rows["exact"][3]) < 5 * 0.03 and abs(rows["sde"][3]) < 5 * 0.03  # 100 Euler-Maruyama steps

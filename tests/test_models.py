@@ -6,6 +6,8 @@ import torch
 from sdediff import GaussianMixture, as_score_fn, score_from_eps, score_from_v, score_from_x0
 from sdediff.models import PREDICTIONS
 
+from mixture_checks import mixture_eps_x0
+
 F64 = torch.float64
 
 
@@ -46,20 +48,6 @@ def exact_predictors(gm, sde):
     return {"eps": eps_model, "x0": x0_model, "v": v_model}
 
 
-def _posterior_mean(gm, sde, x, t):
-    """E[x_0 | x_t = x] for the mixture, component by component (Gaussian conditioning)."""
-    K = gm.num_components
-    alpha, sigma = sde.marginal(t)
-    a, s2 = alpha.reshape(-1, 1, 1), sigma.reshape(-1, 1, 1) ** 2
-    mu, v = gm.means.reshape(1, K, -1), gm.stds.reshape(1, K, -1) ** 2
-    xf = x.reshape(x.shape[0], 1, -1)
-    var_t = a**2 * v + s2
-    log_r = torch.log(gm.weights) - 0.5 * ((xf - a * mu) ** 2 / var_t + torch.log(var_t)).sum(-1)
-    r = torch.softmax(log_r, 1).unsqueeze(-1)
-    post = mu + a * v / var_t * (xf - a * mu)
-    return (r * post).sum(1).reshape(x.shape)
-
-
 def _inputs(sde, event_shape=(3,), n=24):
     g = torch.Generator().manual_seed(1)
     x = 2.0 * torch.randn((n,) + event_shape, generator=g, dtype=F64)
@@ -72,7 +60,7 @@ def test_exact_predictors_are_consistent(sde):
     gm = _mixture()
     x, t = _inputs(sde)
     pred = exact_predictors(gm, sde)
-    torch.testing.assert_close(pred["x0"](x, t), _posterior_mean(gm, sde, x, t), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(pred["x0"](x, t), mixture_eps_x0(gm, x, *sde.marginal(t))[1], rtol=1e-9, atol=1e-9)
     alpha, sigma = (_bc(c, x) for c in sde.marginal(t))
     torch.testing.assert_close(alpha * pred["x0"](x, t) + sigma * pred["eps"](x, t), x, rtol=1e-12, atol=1e-12)
 

@@ -1,11 +1,11 @@
 """The sampling API: samples reproduce the target distribution, NFE and trajectories, reproducibility."""
 
-import math
-
 import pytest
 import torch
 
 import sdediff as sd
+
+from mixture_checks import assert_matches_mixture
 
 # Three well-separated modes (>= 5 component stds apart), so assigning samples to their most
 # likely component misclassifies a negligible fraction and per-mode statistics are clean.
@@ -14,23 +14,8 @@ T_END = 1e-3
 Z = 4.0  # tolerance in standard errors: a false alarm about once in 16,000 checks
 
 
-def assert_matches_mixture(x, target, z=Z):
-    """Mode weights, per-mode means and covariances of samples ``x: (n, 2)`` within ``z`` standard errors.
-
-    Standard errors: weight sqrt(w (1-w) / n); mean s / sqrt(n_k); variance s^2 sqrt(2 / n_k);
-    covariance s^2 / sqrt(n_k) (Gaussian components).
-    """
-    n = x.shape[0]
-    labels = target.component_log_prob(x).argmax(1)
-    for k in range(target.num_components):
-        w, mu, s = target.weights[k].item(), target.means[k], target.stds[k]
-        xk = x[labels == k]
-        nk = xk.shape[0]
-        assert abs(nk / n - w) < z * math.sqrt(w * (1 - w) / n), (k, nk / n, w)
-        assert ((xk.mean(0) - mu).abs() < z * s / math.sqrt(nk)).all(), (k, xk.mean(0), mu)
-        cov = torch.cov(xk.T)
-        assert ((cov.diagonal() - s**2).abs() < z * s**2 * math.sqrt(2 / nk)).all(), (k, cov, s**2)
-        assert abs(cov[0, 1]) < z * s[0] * s[1] / math.sqrt(nk), (k, cov)
+def assert_matches(x, target):
+    assert_matches_mixture(x, target, Z)
 
 
 SDES = [sd.VPSDE(), sd.VPSDE(schedule="cosine"), sd.SubVPSDE(), sd.VESDE(sigma_max=20.0)]
@@ -48,7 +33,7 @@ def test_probability_flow_samples_match_the_mixture(sde):
     # Heun with 100 steps is ~1e-3 from the exact flow here, far below the sampling error (~1e-2).
     sol = sd.sample_ode(MIXTURE.score_fn(sde), sde, exact_start(sde, 0), steps=100, solver="heun", t_end=T_END,
                         grid="log_snr")
-    assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+    assert_matches(sol.x, MIXTURE.diffused(sde, T_END))
 
 
 @pytest.mark.parametrize("stochasticity", [1.0, 0.5])
@@ -57,7 +42,7 @@ def test_reverse_sde_samples_match_the_mixture(sde, stochasticity):
     # Euler-Maruyama's weak error at 500 steps is O(1e-3), below the sampling error of 4000 draws.
     sol = sd.sample_sde(MIXTURE.score_fn(sde), sde, exact_start(sde, 1), steps=500, stochasticity=stochasticity,
                         t_end=T_END, generator=torch.Generator().manual_seed(1), noise_free_last_step=False)
-    assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+    assert_matches(sol.x, MIXTURE.diffused(sde, T_END))
 
 
 def test_prior_start_matches_the_mixture_for_vp():
@@ -65,7 +50,7 @@ def test_prior_start_matches_the_mixture_for_vp():
     sde = sd.VPSDE()
     sol = sd.sample_ode(MIXTURE.score_fn(sde), sde, (4000, 2), steps=50, solver="rk4", t_end=T_END,
                         generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+    assert_matches(sol.x, MIXTURE.diffused(sde, T_END))
 
 
 def test_the_distribution_checks_can_fail():
@@ -73,8 +58,8 @@ def test_the_distribution_checks_can_fail():
     wrong = sd.GaussianMixture([0.25, 0.45, 0.3], MIXTURE.means, MIXTURE.stds * torch.tensor([[1.0], [1.15], [1.0]]))
     x = wrong.sample(4000, generator=torch.Generator().manual_seed(2))
     with pytest.raises(AssertionError):
-        assert_matches_mixture(x, MIXTURE)
-    assert_matches_mixture(MIXTURE.sample(4000, generator=torch.Generator().manual_seed(2)), MIXTURE)
+        assert_matches(x, MIXTURE)
+    assert_matches(MIXTURE.sample(4000, generator=torch.Generator().manual_seed(2)), MIXTURE)
 
 
 def test_too_few_steps_are_caught_by_the_distribution_check():
@@ -83,7 +68,7 @@ def test_too_few_steps_are_caught_by_the_distribution_check():
     sol = sd.sample_sde(MIXTURE.score_fn(sde), sde, (4000, 2), steps=10, generator=torch.Generator().manual_seed(1),
                         dtype=torch.float64, t_end=T_END)
     with pytest.raises(AssertionError):
-        assert_matches_mixture(sol.x, MIXTURE.diffused(sde, T_END))
+        assert_matches(sol.x, MIXTURE.diffused(sde, T_END))
 
 
 @pytest.mark.parametrize("solver, per_step", [("euler", 1), ("midpoint", 2), ("heun", 2), ("rk4", 4)])

@@ -66,7 +66,8 @@ class AnnealedLangevin(Corrector):
     """NCSN's annealed Langevin dynamics (Song & Ermon 2019): step ``a = r sigma(t)^2 / sigma_last^2``.
 
     The paper's update is ``x + (a/2) score + sqrt(a) z``, i.e. ``eps = a / 2`` here. (The lecture
-    notes in ``../shared/seeds`` write ``x + a score + sqrt(2a) z``, which is the same with ``a`` halved.)
+    notes in ``../shared/seeds``, Algorithm 3, drop the 1/2: ``x + a score + sqrt(a) z``. Taken
+    literally that doubles the drift against the noise and samples ``p^2``, not ``p``.)
     """
 
     name = "annealed_langevin"
