@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
-from ._tensors import nonfinite
+from ._tensors import checksum
 from .solvers.base import ODESolver, SDESolver, get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver, elapsed_time
 from .solvers.langevin import Corrector
@@ -155,26 +155,36 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
     steps = len(ts) - 1
     if isinstance(solver, SDESolver):
         brownian = _increments(brownian, x, ts, generator)
-    first_bad = torch.full((), -1, dtype=torch.long, device=x.device)
+    iterations = steps + (solver is None)
+    checksums = []  # one 0-d sum per step: finite iff the state is
     xs = [x] if return_trajectory and solver is not None else ([] if return_trajectory else None)
     name = solver.name if solver is not None else type(corrector).__name__
-    for i in tqdm(range(steps + (solver is None)), disable=not progress, desc=name, leave=False):
-        t0 = ts[i]
+    multistep = solver is not None and solver.multistep
+    state = solver.init(term, x, ts) if multistep else None
+    times = ts.unbind()
+    for i in tqdm(range(iterations), disable=not progress, desc=name, leave=False):
+        t0 = times[i]
         if corrector is not None:
             for _ in range(corrector.n_steps):
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 x = corrector.step(term.process, x, t0, z)
         if isinstance(solver, ODESolver):
-            x = solver.step(term, x, t0, ts[i + 1])
+            if multistep:
+                x, state = solver.step(term, x, t0, times[i + 1], state)
+            else:
+                x = solver.step(term, x, t0, times[i + 1])
         elif solver is not None:
-            dw = None if (noise_free_last_step and i == steps - 1) else brownian(t0, ts[i + 1])
-            x = solver.step(term, x, t0, ts[i + 1], dw)
-        first_bad = torch.where((first_bad < 0) & nonfinite(x), i, first_bad)
+            dw = None if (noise_free_last_step and i == steps - 1) else brownian(t0, times[i + 1])
+            if multistep:
+                x, state = solver.step(term, x, t0, times[i + 1], dw, state)
+            else:
+                x = solver.step(term, x, t0, times[i + 1], dw)
+        checksums.append(checksum(x))
         if xs is not None:
             xs.append(x)
-    bad = int(first_bad)  # the one host sync of the loop
-    if bad >= 0:
-        _raise_nonfinite(bad, ts, corrector_only=solver is None)
+    finite = torch.isfinite(torch.stack(checksums))
+    if not bool(finite.all()):  # the one host sync of the loop
+        _raise_nonfinite(int((~finite).nonzero()[0]), ts, corrector_only=solver is None)
     return Solution(x, ts, torch.stack(xs) if xs is not None else None, counter.count)
 
 

@@ -6,29 +6,32 @@ import torch
 
 from . import _checks
 from .grids import time_grid
-from ._tensors import nonfinite
+from ._tensors import checksum
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
 from .sdes import SDE
 from .solvers.base import get_solver
 
+DEFAULT_ODE_SOLVER = "unipc"
 DEFAULT_ODE_STEPS = 50
 DEFAULT_SDE_STEPS = 1000
 DEFAULT_T_END = 1e-3
 
 
 class _ScoreMonitor:
-    """Remembers, on the device, whether ``score_fn`` ever returned a non-finite value."""
+    """Keeps a checksum of each score on the device, read only if the integration fails (no host sync)."""
 
     def __init__(self, score_fn):
-        self.score_fn, self.nonfinite = score_fn, None
+        self.score_fn, self.checksums = score_fn, []
 
     def __call__(self, x, t):
         score = self.score_fn(x, t)
         if isinstance(score, torch.Tensor):
-            bad = nonfinite(score)
-            self.nonfinite = bad if self.nonfinite is None else self.nonfinite | bad
+            self.checksums.append(checksum(score))
         return score
+
+    def saw_nonfinite(self) -> bool:
+        return any(not bool(torch.isfinite(c)) for c in self.checksums)
 
 
 def _start(score_fn, sde, x, generator, device, dtype):
@@ -57,28 +60,31 @@ def _run(term, x, ts, monitor: _ScoreMonitor, **kwargs) -> Solution:
     try:
         return integrate(term, x, ts, **kwargs)
     except NonFiniteError as err:
-        if monitor.nonfinite is not None and bool(monitor.nonfinite):
+        if monitor.saw_nonfinite():
             raise NonFiniteError(f"{err}: score_fn returned non-finite values") from None
         raise
 
 
-def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver="heun", t_start: float | None = None,
-               t_end: float | None = None, grid="uniform", rtol: float = 1e-5, atol: float = 1e-5,
-               return_trajectory: bool = False, progress: bool = False, generator=None, device=None,
+def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver=DEFAULT_ODE_SOLVER,
+               t_start: float | None = None, t_end: float | None = None, grid=None, rtol: float = 1e-5,
+               atol: float = 1e-5, return_trajectory: bool = False, progress: bool = False, generator=None, device=None,
                dtype=None) -> Solution:
     """Integrate the probability-flow ODE ``dx/dt = f(x, t) - 1/2 g(t)^2 score_fn(x, t)``.
 
     ``x: (batch, *dims)`` is a draw from the marginal at ``t_start`` (default ``sde.T``, where it is
     the prior), or a shape, in which case it is drawn from ``sde.prior_sample`` with ``generator``,
     ``device`` and ``dtype``. Integrates down to ``t_end`` (default 1e-3) in ``steps`` steps
-    (default 50) of the grid ``grid`` (see :func:`sdediff.time_grid`) with ``solver`` (a name from
-    ``available_solvers("ode")`` or an instance). Adaptive solvers (``"dopri5"``, ...) use
-    ``rtol``/``atol`` and visit the grid only when ``return_trajectory`` is set.
+    (default 50) of the grid ``grid`` (see :func:`sdediff.time_grid`; default: the solver's
+    ``default_grid``) with ``solver`` (a name from ``available_solvers("ode")`` or an instance;
+    default ``"unipc"`` on the log-SNR grid, one score call per step, chosen by
+    ``benchmarks/solver_accuracy.py``). Adaptive solvers (``"dopri5"``, ...) use ``rtol``/``atol``
+    and visit the grid only when ``return_trajectory`` is set.
 
     Returns a :class:`Solution`: ``.x`` the samples, ``.nfe`` the number of score evaluations,
     ``.ts`` the grid and ``.xs`` the trajectory ``(len(ts), batch, *dims)`` if asked for.
     """
     solver = get_solver(solver, "ode")
+    grid = solver.default_grid if grid is None else grid
     x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_ODE_STEPS, t_start, t_end, grid, generator, device, dtype)
     if solver.adaptive and not return_trajectory:
         ts = ts[[0, -1]]
@@ -89,7 +95,7 @@ def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver="heun"
 
 def sample_sde(score_fn, sde: SDE, x, *, steps: int | None = None, solver="euler_maruyama",
                stochasticity: float = 1.0, t_start: float | None = None, t_end: float | None = None,
-               grid="uniform", generator=None, brownian=None, noise_free_last_step: bool = True,
+               grid=None, generator=None, brownian=None, noise_free_last_step: bool = True,
                return_trajectory: bool = False, progress: bool = False, device=None, dtype=None) -> Solution:
     """Integrate the reverse-time SDE ``dx = [f - (1+s^2)/2 g^2 score] dt + s g dW̄`` (s = ``stochasticity``).
 
@@ -102,6 +108,7 @@ def sample_sde(score_fn, sde: SDE, x, *, steps: int | None = None, solver="euler
     mean of the last update.
     """
     solver = get_solver(solver, "sde")
+    grid = solver.default_grid if grid is None else grid
     x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_SDE_STEPS, t_start, t_end, grid, generator, device, dtype)
     term = ReverseProcess(sde, monitor, stochasticity).sde_term()
     return _run(term, x, ts, monitor, solver=solver, brownian=brownian, generator=generator,

@@ -20,7 +20,9 @@ class Solver:
     ``additive_order`` the strong order for additive noise (every reverse diffusion here), where
     most methods gain. ``evals_per_step``: drift (score) evaluations per step, 0 when variable.
     ``needs_process``: the step reads ``term.process`` (the reverse process of a forward SDE with
-    closed-form ``alpha``, ``sigma``) instead of the bare vector field.
+    closed-form ``alpha``, ``sigma``) instead of the bare vector field. ``multistep``: the solver
+    keeps a state between steps (see :class:`MultistepSolver`). ``default_grid``: the time grid
+    ``sample_ode``/``sample_sde`` use with it unless told otherwise.
     """
 
     name: str = ""
@@ -30,6 +32,8 @@ class Solver:
     evals_per_step: int = 1
     adaptive: bool = False
     needs_process: bool = False
+    multistep: bool = False
+    default_grid: str = "uniform"
 
     def check_term(self, term) -> None:
         """Called once by the integration loop before stepping: raise if ``term`` cannot be solved."""
@@ -60,6 +64,21 @@ class SDESolver(Solver):
         raise NotImplementedError
 
 
+class MultistepSolver:
+    """Mixin for solvers that reuse earlier evaluations.
+
+    ``init(term, x, ts)`` returns the state before the first step (it may precompute the
+    coefficients of the whole grid, once); the loop then calls
+    ``step(term, x, t0, t1, state) -> (x1, state)`` for ODEs and
+    ``step(term, x, t0, t1, dw, state) -> (x1, state)`` for SDEs, on the consecutive steps of ``ts``.
+    """
+
+    multistep = True
+
+    def init(self, term, x: torch.Tensor, ts: torch.Tensor):
+        raise NotImplementedError
+
+
 class SolverInfo(NamedTuple):
     kind: str
     order: float
@@ -67,6 +86,8 @@ class SolverInfo(NamedTuple):
     adaptive: bool
     additive_order: float | None
     needs_process: bool = False
+    multistep: bool = False
+    default_grid: str = "uniform"
 
 
 _REGISTRY: dict[str, Solver] = {}
@@ -96,7 +117,8 @@ def available_solvers(kind: str | None = None) -> dict[str, SolverInfo]:
     if kind not in (None, "ode", "sde"):
         raise ValueError(f"kind must be None, 'ode' or 'sde', got {kind!r}")
     return {
-        name: SolverInfo(s.kind, s.order, s.evals_per_step, s.adaptive, s.additive_order, s.needs_process)
+        name: SolverInfo(s.kind, s.order, s.evals_per_step, s.adaptive, s.additive_order, s.needs_process,
+                         s.multistep, s.default_grid)
         for name, s in sorted(_REGISTRY.items())
         if kind is None or s.kind == kind
     }

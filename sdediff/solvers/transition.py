@@ -62,7 +62,7 @@ class DDIM(_Predicting, ODESolver):
     exponential integrator in log-SNR time (DPM-Solver-1). Exact when ``eps`` is constant in time.
     """
 
-    name, order, evals_per_step, needs_process = "ddim", 1, 1, True
+    name, order, evals_per_step, needs_process, default_grid = "ddim", 1, 1, True, "log_snr"
 
     def step(self, term, x, t0, t1):
         a_t, sig_t, a_s, sig_s, _ = _kernel(term.process.sde, x, t0, t1)

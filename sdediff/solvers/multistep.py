@@ -1,0 +1,244 @@
+"""Multistep solvers: one score call per step, earlier evaluations reused (DPM-Solver++, UniPC, LMS).
+
+Each precomputes its coefficients for the whole grid once, in float64 on the host (``init``), so a
+step is a few fused tensor operations with Python-float coefficients: no per-step host sync.
+
+Exponential methods work on the data prediction ``x0`` in ``lambda = log(alpha / sigma)``: for a
+step from ``t`` to ``s`` with ``h = lambda_s - lambda_t``,
+
+    x_s = (sigma_s / sigma_t) x_t + alpha_s int_0^h e^(u - h) x0(lambda_t + u) du,
+
+and the integral is taken over a polynomial through earlier ``x0`` values (Lu et al. 2022b).
+Warm-up steps use the orders the history allows; with ``lower_order_final`` and fewer than 15
+steps, the last steps drop to first order (as DPM-Solver++ does for stability).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import MultistepSolver, ODESolver, SDESolver, register_solver
+from .exponential import exp_moments, grid_table, lagrange_weights, poly_moments
+
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def _combine(a: float, x: torch.Tensor, weights, values) -> torch.Tensor:
+    """``a x + sum_j weights[j] values[j]`` with one allocation."""
+    out = torch.mul(x, a)
+    for w, v in zip(weights, values):
+        out.add_(v, alpha=w)
+    return out
+
+
+class _Multistep(MultistepSolver):
+    needs_process = True
+    evals_per_step = 1
+    default_grid = "log_snr"
+    max_order = 2  # the order of the history polynomial (the predictor's)
+
+    def __init__(self, lower_order_final: bool = True):
+        self.lower_order_final = bool(lower_order_final)
+
+    def step_orders(self, n: int) -> list[int]:
+        """The order of each of ``n`` steps: warm-up, then ``max_order``, then the final reduction."""
+        orders = [min(self.max_order, i + 1) for i in range(n)]
+        if self.lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
+            for back in range(1, self.max_order):
+                if n - back >= 0:
+                    orders[n - back] = min(orders[n - back], back)
+        return orders
+
+
+class _ExponentialMultistep(_Multistep, ODESolver):
+    """Data-prediction exponential multistep; subclasses give the weights of ``x0_i, x0_(i-1), ...``."""
+
+    def weights(self, h: float, previous: list[float], order: int) -> list[float]:
+        """Weights of ``x0`` at ``lambda_i, lambda_i - previous[0], ...`` in ``int_0^h e^(u-h) x0 du``."""
+        nodes = [0.0]
+        for hp in previous[: order - 1]:
+            nodes.append(nodes[-1] - hp)
+        return lagrange_weights(nodes, exp_moments(h, order))
+
+    def coefficients(self, alpha, sigma, hs):
+        """Per step: ``(sigma_(i+1)/sigma_i, weights of the history, sigma_i^2)``.
+
+        The history holds ``alpha_j x0_j = x_j + sigma_j^2 score_j`` (one fused operation per
+        step), so the weight of entry ``k`` is ``alpha_(i+1) w_k / alpha_(i-k)``.
+        """
+        coeffs = []
+        for i, order in enumerate(self.step_orders(len(hs))):
+            w = self.weights(hs[i], hs[:i][::-1], order)
+            b = [alpha[i + 1] * wk / alpha[i - k] for k, wk in enumerate(w)]
+            coeffs.append((sigma[i + 1] / sigma[i], b, sigma[i] ** 2))
+        return coeffs
+
+    def init(self, term, x, ts):
+        alpha, sigma, lam = grid_table(term.process.sde, ts)
+        return 0, (), self.coefficients(alpha, sigma, [lam[i + 1] - lam[i] for i in range(len(ts) - 1)])
+
+    @staticmethod
+    def scaled_x0(term, x, t, sig2):
+        """``alpha x0 = x + sigma^2 score`` (Tweedie)."""
+        return torch.add(x, term.process.score(x, t), alpha=sig2)
+
+    def step(self, term, x, t0, t1, state):
+        i, history, coeffs = state
+        a, b, sig2 = coeffs[i]
+        history = (self.scaled_x0(term, x, t0, sig2),) + history[: self.max_order - 1]
+        return _combine(a, x, b, history), (i + 1, history, coeffs)
+
+
+@register_solver
+class DPMSolverPP2M(_ExponentialMultistep):
+    """DPM-Solver++(2M): ``x_s = (sigma_s/sigma_t) x_t + alpha_s (1 - e^-h) D``, order 2.
+
+    ``D = (1 + 1/(2r)) x0_i - 1/(2r) x0_(i-1)`` with ``r = h_(i-1) / h_i`` (Lu et al. 2022b, as
+    diffusers' ``DPMSolverMultistepScheduler`` with ``algorithm_type="dpmsolver++"``, ``solver_type="midpoint"``).
+    """
+
+    name, order, max_order = "dpmpp_2m", 2, 2
+
+    def weights(self, h, previous, order):
+        one = -math.expm1(-h)
+        if order == 1:
+            return [one]
+        r = previous[0] / h
+        return [one * (1.0 + 0.5 / r), -one * 0.5 / r]
+
+
+@register_solver
+class DPMSolverPP3M(_ExponentialMultistep):
+    """Third-order exponential Adams–Bashforth on ``x0`` (DPM-Solver++(3M) family), order 3.
+
+    The quadratic through ``x0_i, x0_(i-1), x0_(i-2)`` in ``lambda`` is integrated exactly against
+    ``e^(u - h)`` (the weights come from :func:`lagrange_weights`, not from a Taylor expansion).
+    """
+
+    name, order, max_order = "dpmpp_3m", 3, 3
+
+
+@register_solver
+class UniPC(_ExponentialMultistep):
+    """A UniPC-family predictor–corrector (Zhao et al. 2023): order ``p`` predictor, order ``p + 1`` corrector.
+
+    Predictor: exponential Adams–Bashforth of order ``p`` on ``x0``. Corrector: once ``x0`` has
+    been evaluated at the predicted point (the next step needs it anyway), the step just taken
+    is redone with the exponential Adams–Moulton rule, which includes that new node, so the
+    order rises by one at no extra score call. The last step is not corrected.
+    """
+
+    name, order, max_order = "unipc", 3, 2  # the name carries the predictor order: "unipc" (2), "unipc_3"
+
+    def __init__(self, predictor_order: int = 2, lower_order_final: bool = True):
+        super().__init__(lower_order_final)
+        if predictor_order not in (1, 2, 3):
+            raise ValueError(f"predictor_order must be 1, 2 or 3, got {predictor_order!r}")
+        self.max_order, self.order = predictor_order, predictor_order + 1
+        self.name = "unipc" if predictor_order == 2 else f"unipc_{predictor_order}"
+
+    def init(self, term, x, ts):
+        alpha, sigma, lam = grid_table(term.process.sde, ts)
+        hs = [lam[i + 1] - lam[i] for i in range(len(ts) - 1)]
+        coeffs, corrections = self.coefficients(alpha, sigma, hs), []
+        for i, order in enumerate(self.step_orders(len(hs))):
+            nodes = [hs[i], 0.0]
+            for hp in hs[:i][::-1][: order - 1]:
+                nodes.append(nodes[-1] - hp)
+            w = lagrange_weights(nodes, exp_moments(hs[i], order + 1))  # nodes: lambda_(i+1), lambda_i, ...
+            corrections.append([alpha[i + 1] * wk / alpha[i + 1 - k] for k, wk in enumerate(w)])
+        return 0, (), coeffs, corrections, None
+
+    def step(self, term, x, t0, t1, state):
+        i, history, coeffs, corrections, x_prev = state
+        a, b, sig2 = coeffs[i]
+        x0 = self.scaled_x0(term, x, t0, sig2)
+        if i > 0:  # correct the step x_prev -> x with the x0 just evaluated at its end
+            x = _combine(coeffs[i - 1][0], x_prev, corrections[i - 1], (x0,) + history)
+        history = (x0,) + history[: self.max_order - 1]
+        return _combine(a, x, b, history), (i + 1, history, coeffs, corrections, x)
+
+
+register_solver(UniPC(3))
+
+
+@register_solver
+class LMS(_Multistep, ODESolver):
+    """Linear multistep (Adams–Bashforth, as k-diffusion's ``sample_lms``) in sigma time; order 4.
+
+    In ``y = x / alpha`` and ``rho = sigma / alpha`` the probability-flow ODE is ``dy/drho = eps``;
+    each step integrates the polynomial through the last ``order`` values of ``eps`` over ``rho``,
+    with warm-up from first order. (Adams–Bashforth in log-sigma time, ``dy/dlog(rho) = rho eps``,
+    was tried and left out: its integrand carries the ODE's linear part, which the small stability
+    region of an explicit multistep method cannot take at 10–50 steps; the exponential methods
+    above are the log-SNR-time multistep methods.)
+    """
+
+    name, default_grid = "lms", "karras"
+
+    def __init__(self, order: int = 4, lower_order_final: bool = False):
+        super().__init__(lower_order_final)
+        if order not in (1, 2, 3, 4):
+            raise ValueError(f"order must be 1 to 4, got {order!r}")
+        self.order = self.max_order = order
+
+    def init(self, term, x, ts):
+        alpha, sigma, _ = grid_table(term.process.sde, ts)
+        rho = [sg / a for sg, a in zip(sigma, alpha)]
+        coeffs = []
+        for i, order in enumerate(self.step_orders(len(ts) - 1)):
+            nodes = [rho[i - j] - rho[i] for j in range(order)]
+            w = lagrange_weights(nodes, poly_moments(0.0, rho[i + 1] - rho[i], order))
+            # eps = -sigma score, so the score of step i - j enters with weight -alpha_(i+1) w_j sigma_(i-j)
+            coeffs.append((alpha[i + 1] / alpha[i], [-alpha[i + 1] * w[j] * sigma[i - j] for j in range(order)]))
+        return 0, (), coeffs
+
+    def step(self, term, x, t0, t1, state):
+        i, history, coeffs = state
+        a, b = coeffs[i]
+        history = (term.process.score(x, t0),) + history[: self.max_order - 1]
+        return _combine(a, x, b, history), (i + 1, history, coeffs)
+
+
+
+
+@register_solver
+class SDEDPMSolverPP2M(_Multistep, SDESolver):
+    """SDE-DPM-Solver++(2M) for the reverse SDE (stochasticity 1); strong order 1 for additive noise.
+
+    ``x_s = (sigma_s/sigma_t) e^-h x_t + alpha_s (1 - e^-2h) D + sigma_s sqrt(1 - e^-2h) z`` with
+    ``D = x0_i + 1/(2r) (x0_i - x0_(i-1))`` (first order on the first step); ``z = dW / sqrt(|dt|)``.
+    With first order it is the ancestral (DDPM posterior) step.
+    """
+
+    name, order, additive_order, max_order = "sde_dpmpp_2m", 0.5, 1.0, 2
+
+    def check_term(self, term):
+        super().check_term(term)
+        if term.process.stochasticity != 1.0:
+            raise ValueError(f"{self.name} samples the reverse SDE with stochasticity 1, "
+                             f"got {term.process.stochasticity}")
+
+    def init(self, term, x, ts):
+        alpha, sigma, lam = grid_table(term.process.sde, ts)
+        t = ts.detach().to(device="cpu", dtype=torch.float64).tolist()
+        hs = [lam[i + 1] - lam[i] for i in range(len(ts) - 1)]
+        coeffs = []
+        for i, order in enumerate(self.step_orders(len(hs))):
+            one = -math.expm1(-2.0 * hs[i]) * alpha[i + 1]
+            b = [one] if order == 1 else [one * (1.0 + 0.5 * hs[i] / hs[i - 1]), -one * 0.5 * hs[i] / hs[i - 1]]
+            noise = sigma[i + 1] * math.sqrt(-math.expm1(-2.0 * hs[i]) / abs(t[i + 1] - t[i]))
+            b = [bk / alpha[i - k] for k, bk in enumerate(b)]  # the history holds alpha x0, as above
+            coeffs.append((sigma[i + 1] / sigma[i] * math.exp(-hs[i]), b, sigma[i] ** 2, noise))
+        return 0, (), coeffs
+
+    def step(self, term, x, t0, t1, dw, state):
+        i, history, coeffs = state
+        a, b, sig2, noise = coeffs[i]
+        history = (_ExponentialMultistep.scaled_x0(term, x, t0, sig2),) + history[:1]
+        out = _combine(a, x, b, history)
+        if dw is not None:
+            out.add_(dw, alpha=noise)
+        return out, (i + 1, history, coeffs)
