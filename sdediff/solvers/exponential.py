@@ -68,22 +68,35 @@ register_solver(DPMSolver(3))
 
 
 def exp_moments(h: float, count: int) -> list[float]:
-    """``I_m = int_0^h e^(u - h) u^m du`` for ``m < count``, from the everywhere-convergent positive series.
+    """``I_m = int_0^h e^(u - h) u^m du`` for ``m < count``, from series of terms of one sign.
 
-    ``I_m = e^-h sum_n h^(n+m+1) / (n! (n+m+1))``; no cancellation for small ``h``, unlike the
-    recurrence ``I_m = h^m - m I_(m-1)``.
+    ``h >= 0``: ``I_m = e^-h sum_n h^(n+m+1) / (n! (n+m+1))``; ``h < 0`` (a step forward in
+    ``t``): ``I_m = m! h^(m+1) sum_n (-h)^n / (n+m+1)!``. No cancellation for small ``|h|``,
+    unlike the recurrence ``I_m = h^m - m I_(m-1)``.
     """
+    if not math.isfinite(h):
+        raise ValueError(f"h must be finite, got {h}")
     out = []
     for m in range(count):
-        total, term, n = 0.0, h ** (m + 1), 0  # term = h^(n+m+1) / n!
-        while True:
-            add = term / (n + m + 1)
-            total += add
-            n += 1
-            term *= h / n
-            if add <= 1e-17 * total and n > h:
-                break
-        out.append(math.exp(-h) * total)
+        if h >= 0.0:
+            total, term, n = 0.0, h ** (m + 1), 0  # term = h^(n+m+1) / n!
+            while True:
+                add = term / (n + m + 1)
+                total += add
+                n += 1
+                term *= h / n
+                if add <= 1e-17 * total and n > h:
+                    break
+            out.append(math.exp(-h) * total)
+        else:  # a step forward in t: I_m = m! h^(m+1) sum_n (-h)^n / (n+m+1)!, positive terms for h < 0
+            total, term, n = 0.0, 1.0 / math.factorial(m + 1), 0
+            while True:
+                total += term
+                n += 1
+                term *= -h / (n + m + 1)
+                if term <= 1e-17 * total and n > -h:
+                    break
+            out.append(math.factorial(m) * h ** (m + 1) * total)
     return out
 
 

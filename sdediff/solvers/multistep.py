@@ -42,13 +42,19 @@ class _Multistep(MultistepSolver):
     def __init__(self, lower_order_final: bool = True):
         self.lower_order_final = bool(lower_order_final)
 
-    def step_orders(self, n: int) -> list[int]:
-        """The order of each of ``n`` steps: warm-up, then ``max_order``, then the final reduction."""
+    def step_orders(self, n: int, hs=None) -> list[int]:
+        """The order of each of ``n`` steps: warm-up, then ``max_order``, then the final reduction.
+
+        A step of infinite ``h`` (to ``sigma = 0``, i.e. ``t = 0`` on VP) is first order: it
+        returns the data prediction, as DPM-Solver++ (and diffusers) do.
+        """
         orders = [min(self.max_order, i + 1) for i in range(n)]
         if self.lower_order_final and n < LOWER_ORDER_FINAL_BELOW:
             for back in range(1, self.max_order):
                 if n - back >= 0:
                     orders[n - back] = min(orders[n - back], back)
+        if hs is not None:
+            orders = [1 if math.isinf(h) else k for k, h in zip(orders, hs)]
         return orders
 
 
@@ -57,6 +63,8 @@ class _ExponentialMultistep(_Multistep, ODESolver):
 
     def weights(self, h: float, previous: list[float], order: int) -> list[float]:
         """Weights of ``x0`` at ``lambda_i, lambda_i - previous[0], ...`` in ``int_0^h e^(u-h) x0 du``."""
+        if order == 1:
+            return [-math.expm1(-h)]  # also for h = inf
         nodes = [0.0]
         for hp in previous[: order - 1]:
             nodes.append(nodes[-1] - hp)
@@ -69,7 +77,7 @@ class _ExponentialMultistep(_Multistep, ODESolver):
         step), so the weight of entry ``k`` is ``alpha_(i+1) w_k / alpha_(i-k)``.
         """
         coeffs = []
-        for i, order in enumerate(self.step_orders(len(hs))):
+        for i, order in enumerate(self.step_orders(len(hs), hs)):
             w = self.weights(hs[i], hs[:i][::-1], order)
             b = [alpha[i + 1] * wk / alpha[i - k] for k, wk in enumerate(w)]
             coeffs.append((sigma[i + 1] / sigma[i], b, sigma[i] ** 2))
@@ -143,7 +151,10 @@ class UniPC(_ExponentialMultistep):
         alpha, sigma, lam = grid_table(term.process.sde, ts)
         hs = [lam[i + 1] - lam[i] for i in range(len(ts) - 1)]
         coeffs, corrections = self.coefficients(alpha, sigma, hs), []
-        for i, order in enumerate(self.step_orders(len(hs))):
+        for i, order in enumerate(self.step_orders(len(hs), hs)):
+            if math.isinf(hs[i]):  # a final step to sigma = 0: nothing evaluates its end, never corrected
+                corrections.append(None)
+                continue
             nodes = [hs[i], 0.0]
             for hp in hs[:i][::-1][: order - 1]:
                 nodes.append(nodes[-1] - hp)
@@ -226,7 +237,7 @@ class SDEDPMSolverPP2M(_Multistep, SDESolver):
         t = ts.detach().to(device="cpu", dtype=torch.float64).tolist()
         hs = [lam[i + 1] - lam[i] for i in range(len(ts) - 1)]
         coeffs = []
-        for i, order in enumerate(self.step_orders(len(hs))):
+        for i, order in enumerate(self.step_orders(len(hs), hs)):
             one = -math.expm1(-2.0 * hs[i]) * alpha[i + 1]
             b = [one] if order == 1 else [one * (1.0 + 0.5 * hs[i] / hs[i - 1]), -one * 0.5 * hs[i] / hs[i - 1]]
             noise = sigma[i + 1] * math.sqrt(-math.expm1(-2.0 * hs[i]) / abs(t[i + 1] - t[i]))
