@@ -321,7 +321,7 @@ def test_unipc_corrector_by_hand(steps):
 
     The trajectory holds the predicted states; x0 is evaluated there (once). Step i corrects
     ``x_(i-1) -> x_i`` with the polynomial through the new x0_i and the predictor's nodes
-    (one order more), then predicts from the corrected state with exponential Adams-Bashforth.
+    (one order more), then predicts from the corrected state (order 2: DPM-Solver++(2M)'s rule).
     The last step is not corrected (nothing evaluates its end).
     """
     process, x, ts, al, sg, lam = _problem("vp", steps)
@@ -338,9 +338,13 @@ def test_unipc_corrector_by_hand(steps):
             nodes = [0.0, lam[i] - lam[i - 1]] + [lam[i - 1 - j] - lam[i - 1] for j in range(1, kp)]
             values = [x0[i - 1], x0[i]] + [x0[i - 1 - j] for j in range(1, kp)]
             corrected = sg[i] / sg[i - 1] * corrected + al[i] * exp_integral(lam[i] - lam[i - 1], nodes, values)
-        nodes = [lam[i - j] - lam[i] for j in range(k)]
-        predicted = sg[i + 1] / sg[i] * corrected + al[i + 1] * exp_integral(lam[i + 1] - lam[i], nodes,
-                                                                             [x0[i - j] for j in range(k)])
+        h = lam[i + 1] - lam[i]
+        if k == 2:  # DPM-Solver++(2M)'s damped slope (UniP-2, bh2): (1 - e^-h) / (2r), r = h_(i-1) / h
+            r = (lam[i] - lam[i - 1]) / h
+            drift = -math.expm1(-h) * ((1 + 0.5 / r) * x0[i] - 0.5 / r * x0[i - 1])
+        else:
+            drift = exp_integral(h, [lam[i - j] - lam[i] for j in range(k)], [x0[i - j] for j in range(k)])
+        predicted = sg[i + 1] / sg[i] * corrected + al[i + 1] * drift
         assert _close(xs[i + 1], predicted), (i, k)
         largest_correction = max(largest_correction, (corrected - xs[i]).abs().max().item())
     assert largest_correction > 1e-2  # the correction is active (measured 0.47 / 0.13 at 10 / 20 steps)
