@@ -9,7 +9,7 @@ from .analytic import GaussianMixture
 from .classic import sample_ald, sample_ddim, sample_ddpm, sample_pc
 from .grids import discrete_time_grid, time_grid
 from .integrate import NonFiniteError, Solution, integrate
-from .likelihood import Likelihood, bits_per_dim, decode, encode, log_likelihood
+from .likelihood import Evaluation, Likelihood, bits_per_dim, decode, encode, evaluate, log_likelihood
 from .models import as_score_fn, discrete_score_fn, from_diffusers, score_from_eps, score_from_v, score_from_x0
 from .reverse import ReverseProcess
 from .sampling import sample_ode, sample_sde
@@ -28,5 +28,6 @@ __all__ = [
     "sample_ddpm", "sample_ddim", "sample_ald", "sample_pc", "Corrector", "LangevinCorrector", "AnnealedLangevin",
     "ODETerm", "SDETerm", "Solver", "ODESolver", "SDESolver", "available_solvers", "get_solver", "register_solver",
     "GaussianMixture", "as_score_fn", "score_from_eps", "score_from_x0", "score_from_v", "discrete_score_fn",
-    "from_diffusers", "log_likelihood", "bits_per_dim", "encode", "decode", "Likelihood",
+    "from_diffusers", "log_likelihood", "bits_per_dim", "encode", "decode", "Likelihood", "evaluate",
+    "Evaluation",
 ]

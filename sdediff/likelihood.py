@@ -152,3 +152,49 @@ def bits_per_dim(score_fn, sde: SDE, x: torch.Tensor, *, bins: int = 256, low: f
         y = low + (k + u) * width
         total = total + log_likelihood(score_fn, sde, y, generator=generator, **kwargs).logp
     return -(total / dequantizations + d * math.log(width)) / (d * math.log(2.0))
+
+
+@dataclass
+class Evaluation:
+    """Bits/dim over a dataset: ``mean``, its standard error ``stderr`` over samples, and ``count``."""
+
+    mean: float
+    stderr: float
+    count: int
+
+
+def evaluate(score_fn, sde: SDE, dataloader, *, seed: int = 0, progress: bool = True, **kwargs) -> Evaluation:
+    """Mean and standard error of :func:`bits_per_dim` over ``dataloader`` (batches ``x`` or ``(x, ...)``).
+
+    Under ``torch.distributed`` (e.g. launched with ``torchrun``; gloo on CPU, nccl on GPU), process
+    ``r`` of ``W`` takes batches ``r, r + W, ...`` and the sums are all-reduced, so every process
+    returns the whole dataset's result. Batch ``i`` dequantizes with a generator seeded
+    ``seed + i``, so the result does not depend on the number of processes. ``kwargs`` go to
+    :func:`bits_per_dim` (and on to :func:`log_likelihood`).
+    """
+    from tqdm.auto import tqdm
+
+    dist = torch.distributed
+    distributed = dist.is_available() and dist.is_initialized()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    sums = None
+    for i, batch in enumerate(tqdm(dataloader, disable=not progress or rank != 0, desc="bits/dim")):
+        if i % world != rank:
+            continue
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        bpd = bits_per_dim(score_fn, sde, x, generator=torch.Generator(device=x.device).manual_seed(seed + i), **kwargs)
+        part = torch.stack([bpd.sum(), (bpd**2).sum(), torch.tensor(float(len(bpd)), dtype=bpd.dtype)])
+        sums = part if sums is None else sums + part
+    if sums is None:
+        sums = torch.zeros(3, dtype=torch.float64)
+    sums = sums.to(torch.float64)
+    if distributed:
+        if dist.get_backend() == "nccl":
+            sums = sums.cuda()
+        dist.all_reduce(sums)
+    total, total_sq, count = sums.tolist()
+    if count < 1:
+        raise ValueError("the dataloader yielded no samples")
+    mean = total / count
+    var = max(total_sq / count - mean**2, 0.0) * count / max(count - 1, 1)
+    return Evaluation(mean, math.sqrt(var / count), int(count))
