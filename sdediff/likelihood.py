@@ -78,7 +78,7 @@ def _divergence_field(sde: SDE, score_fn, shape, divergence: str, probes: Option
 
 def log_likelihood(score_fn, sde: SDE, x: torch.Tensor, *, divergence: str = "exact", probes: int = 1,
                    noise: str = "rademacher", solver="dopri5", rtol: float = 1e-5, atol: float = 1e-5,
-                   t_start: float = 1e-5, steps: int = 100, chunk_size: int = 128, generator=None) -> Likelihood:
+                   t_start: float = 1e-5, steps: int = 100, chunk_size: int = 16, generator=None) -> Likelihood:
     """``log p_{t_start}(x)`` per sample, integrating the probability-flow ODE from ``t_start`` to ``T``.
 
     ``x: (batch, *dims)``. ``solver``: any ODE solver; adaptive ones use ``rtol``/``atol`` (they
