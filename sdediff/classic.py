@@ -136,7 +136,7 @@ def sample_pc(score_fn, sde, x, *, steps: int = 1000, predictor="reverse_diffusi
         raise ValueError(f"corrector must be 'langevin', a Corrector instance or None, got {corrector!r}")
     if predictor is None and corrector is None:
         raise ValueError("predictor and corrector cannot both be None")
-    x, ts, monitor = _prepare(score_fn, sde, x, steps, steps, t_start, t_end, grid, generator, device, dtype)
+    x, ts, monitor = _prepare(score_fn, sde, x, predictor, steps, steps, t_start, t_end, grid, generator, device, dtype)
     return _run(ReverseProcess(sde, monitor, 1.0).sde_term(), x, ts, monitor, solver=predictor, corrector=corrector,
                 brownian=brownian, generator=generator, noise_free_last_step=noise_free_last_step,
                 return_trajectory=return_trajectory, progress=progress)
@@ -145,6 +145,6 @@ def sample_pc(score_fn, sde, x, *, steps: int = 1000, predictor="reverse_diffusi
 def _default_steps(sde, steps, num_train_timesteps):
     if steps is not None:
         return steps
-    n = getattr(getattr(sde, "schedule", None), "N", None)
+    n = sde.discrete_steps
     return n if n is not None else (num_train_timesteps or DEFAULT_TRAIN_TIMESTEPS)
 

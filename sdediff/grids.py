@@ -91,7 +91,7 @@ def discrete_time_grid(sde: SDE, steps: int, *, spacing: str = "uniform", num_tr
     """
     if not isinstance(sde, SDE):
         raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
-    N = getattr(sde.schedule, "N", None) if hasattr(sde, "schedule") else None
+    N = sde.discrete_steps
     if N is None:
         N = DEFAULT_TRAIN_TIMESTEPS if num_train_timesteps is None else num_train_timesteps
         N = _checks.positive_int("num_train_timesteps", N)

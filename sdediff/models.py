@@ -80,7 +80,7 @@ def discrete_score_fn(model, sde: SDE, prediction: str = "eps", *, integer_times
     otherwise ``n`` is passed as a float (for networks with continuous time embeddings).
     """
     _check(model, sde, prediction)
-    N = getattr(getattr(sde, "schedule", None), "N", None)
+    N = sde.discrete_steps
     if N is None:
         raise TypeError("sde must be a VPSDE with discrete betas: build it with VPSDE.from_betas(betas) "
                         "or VPSDE.from_alphas_cumprod(alphas_cumprod)")

@@ -49,8 +49,11 @@ def _start(score_fn, sde, x, generator, device, dtype):
     return _checks.batched("x", x), _ScoreMonitor(score_fn)
 
 
-def _prepare(score_fn, sde, x, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
+def _prepare(score_fn, sde, x, solver, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
+    """``_start``, then the time grid: ``grid=None`` takes the solver's ``default_grid``."""
     x, monitor = _start(score_fn, sde, x, generator, device, dtype)
+    if grid is None:
+        grid = solver.default_grid if solver is not None else "uniform"
     if isinstance(grid, torch.Tensor):
         if t_start is not None or t_end is not None:
             raise ValueError("t_start and t_end are set by the grid tensor; do not pass them with it")
@@ -72,8 +75,8 @@ def _run(term, x, ts, monitor: _ScoreMonitor, **kwargs) -> Solution:
 
 def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver=DEFAULT_ODE_SOLVER,
                t_start: float | None = None, t_end: float | None = None, grid=None, rtol: float = 1e-5,
-               atol: float = 1e-5, return_trajectory: bool = False, progress: bool = False, generator=None, device=None,
-               dtype=None) -> Solution:
+               atol: float = 1e-5, return_trajectory: bool = False, progress: bool = False, generator=None,
+               device=None, dtype=None) -> Solution:
     """Integrate the probability-flow ODE ``dx/dt = f(x, t) - 1/2 g(t)^2 score_fn(x, t)``.
 
     ``x: (batch, *dims)`` is a draw from the marginal at ``t_start`` (default ``sde.T``, where it is
@@ -89,8 +92,8 @@ def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver=DEFAUL
     ``.ts`` the grid and ``.xs`` the trajectory ``(len(ts), batch, *dims)`` if asked for.
     """
     solver = get_solver(solver, "ode")
-    grid = solver.default_grid if grid is None else grid
-    x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_ODE_STEPS, t_start, t_end, grid, generator, device, dtype)
+    x, ts, monitor = _prepare(score_fn, sde, x, solver, steps, DEFAULT_ODE_STEPS, t_start, t_end, grid, generator,
+                              device, dtype)
     if solver.adaptive and not return_trajectory:
         ts = ts[[0, -1]]
     term = ReverseProcess(sde, monitor, 0.0).ode_term()
@@ -113,8 +116,8 @@ def sample_sde(score_fn, sde: SDE, x, *, steps: int | None = None, solver="euler
     mean of the last update.
     """
     solver = get_solver(solver, "sde")
-    grid = solver.default_grid if grid is None else grid
-    x, ts, monitor = _prepare(score_fn, sde, x, steps, DEFAULT_SDE_STEPS, t_start, t_end, grid, generator, device, dtype)
+    x, ts, monitor = _prepare(score_fn, sde, x, solver, steps, DEFAULT_SDE_STEPS, t_start, t_end, grid, generator,
+                              device, dtype)
     term = ReverseProcess(sde, monitor, stochasticity).sde_term()
     return _run(term, x, ts, monitor, solver=solver, brownian=brownian, generator=generator,
                 noise_free_last_step=noise_free_last_step, return_trajectory=return_trajectory, progress=progress)

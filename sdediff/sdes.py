@@ -31,6 +31,7 @@ class SDE:
 
     T: float = 1.0
     prior_std: float = 1.0
+    discrete_steps: int | None = None  # N for a process built from N discrete betas (DDPM timesteps)
 
     # -- primitives implemented by each process (t: tensor; no validation) --------------------
     def _drift_coef(self, t: torch.Tensor) -> torch.Tensor:
@@ -149,6 +150,10 @@ class _ScheduledSDE(SDE):
 
     def _drift_coef(self, t):
         return -0.5 * self.schedule.beta(t)
+
+    @property
+    def discrete_steps(self) -> int | None:
+        return getattr(self.schedule, "N", None)
 
     def __repr__(self):
         return f"{type(self).__name__}(schedule={self.schedule!r})"

@@ -126,9 +126,12 @@ def lagrange_weights(nodes: list[float], moments: list[float]) -> list[float]:
 
 
 def grid_table(sde, ts: torch.Tensor):
-    """``(alpha, sigma, lambda)`` of the grid as lists of Python floats (float64), read once per solve."""
+    """``(alpha, sigma, h)`` of the grid as lists of Python floats (float64), read once per solve.
+
+    ``alpha``, ``sigma`` at each time; ``h[i] = lambda_(i+1) - lambda_i`` with ``lambda = log(alpha / sigma)``.
+    """
     t64 = ts.detach().to(device="cpu", dtype=torch.float64)
     alpha, sigma = sde._alpha_sigma(t64)
     lam = 0.5 * sde._log_snr(t64)
-    return alpha.tolist(), sigma.tolist(), lam.tolist()
+    return alpha.tolist(), sigma.tolist(), (lam[1:] - lam[:-1]).tolist()
 

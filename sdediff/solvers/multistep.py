@@ -90,8 +90,7 @@ class _ExponentialMultistep(_Multistep, ODESolver):
         return coeffs
 
     def init(self, term, x, ts):
-        alpha, sigma, lam = grid_table(term.process.sde, ts)
-        return 0, (), self.coefficients(alpha, sigma, [lam[i + 1] - lam[i] for i in range(len(ts) - 1)])
+        return 0, (), self.coefficients(*grid_table(term.process.sde, ts))
 
     @staticmethod
     def scaled_x0(term, x, t, sig2):
@@ -178,8 +177,7 @@ class UniPC(_ExponentialMultistep):
         weights, the common ``(sigma_i / sigma_(i-1)) x_(i-1)`` cancelling), so
         ``x_(i+1) = a_i x_i + sum_k (a_i d_k + b_k) H_k`` from the predicted ``x_i``.
         """
-        alpha, sigma, lam = grid_table(term.process.sde, ts)
-        hs = [lam[i + 1] - lam[i] for i in range(len(ts) - 1)]
+        alpha, sigma, hs = grid_table(term.process.sde, ts)
         coeffs, fused = self.coefficients(alpha, sigma, hs), []
         for i, order in enumerate(self.step_orders(len(hs), hs)):
             a, b, sig2 = coeffs[i]
@@ -258,9 +256,8 @@ class SDEDPMSolverPP2M(_Multistep, SDESolver):
                              f"got {term.process.stochasticity}")
 
     def init(self, term, x, ts):
-        alpha, sigma, lam = grid_table(term.process.sde, ts)
+        alpha, sigma, hs = grid_table(term.process.sde, ts)
         t = ts.detach().to(device="cpu", dtype=torch.float64).tolist()
-        hs = [lam[i + 1] - lam[i] for i in range(len(ts) - 1)]
         coeffs = []
         for i, order in enumerate(self.step_orders(len(hs), hs)):
             one = -math.expm1(-2.0 * hs[i]) * alpha[i + 1]
