@@ -2,12 +2,15 @@
 
 Forward processes (:class:`VPSDE`, :class:`SubVPSDE`, :class:`VESDE`), their reverse-time SDE and
 probability-flow ODE, pluggable solvers, the sampling loops, the classic samplers (DDPM, DDIM,
-annealed Langevin, predictor–corrector) as their discretizations, and an exact Gaussian-mixture test bed.
+annealed Langevin, predictor–corrector) as their discretizations, guidance and inpainting as
+transformations of the score and of the sampling loop, and an exact Gaussian-mixture test bed.
 """
 
 from .analytic import GaussianMixture
 from .classic import sample_ald, sample_ddim, sample_ddpm, sample_pc
+from .guidance import classifier_free_guidance, classifier_guidance, drop_condition
 from .grids import discrete_time_grid, time_grid
+from .inpaint import sample_inpaint
 from .integrate import NonFiniteError, Solution, integrate
 from .likelihood import Evaluation, Likelihood, bits_per_dim, decode, encode, evaluate, log_likelihood
 from .models import as_score_fn, discrete_score_fn, from_diffusers, score_from_eps, score_from_v, score_from_x0
@@ -29,5 +32,5 @@ __all__ = [
     "ODETerm", "SDETerm", "Solver", "ODESolver", "SDESolver", "available_solvers", "get_solver", "register_solver",
     "GaussianMixture", "as_score_fn", "score_from_eps", "score_from_x0", "score_from_v", "discrete_score_fn",
     "from_diffusers", "log_likelihood", "bits_per_dim", "encode", "decode", "Likelihood", "evaluate",
-    "Evaluation",
+    "Evaluation", "classifier_guidance", "classifier_free_guidance", "drop_condition", "sample_inpaint",
 ]

@@ -7,6 +7,11 @@ If ``x_0 ~ sum_k w_k N(mu_k, diag(s_k^2))`` and ``x_t = alpha(t) x_0 + sigma(t) 
 
 with ``r_k(x)`` the posterior weight of component ``k``. These give exact log-densities and scores
 at every ``t``: the ground truth of sdediff's tests, examples and benchmarks.
+
+Components may carry class labels ``y_k``. Then the noisy classifier
+``p_t(y | x) = sum_{k: y_k = y} w_k N_k(x) / p_t(x)`` and the class-conditional score (the same
+sum restricted to class ``y``) are exact too, and so is inpainting's target: given known
+coordinates, the unknown ones follow a mixture with weights ``∝ w_k N(known; mu_k, s_k)``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ class GaussianMixture:
     """``sum_k w_k N(mu_k, diag(s_k^2))`` on ``event_shape`` (vectors or any tensor shape).
 
     ``weights: (K,)`` (normalized here), ``means: (K, *event_shape)``, ``stds``: ``(K, *event_shape)``,
-    ``(K,)`` (isotropic per component) or a float. Computations run in the dtype and device of the
-    query; parameters are stored in float64 (and copied per device once: treat them as read-only).
+    ``(K,)`` (isotropic per component) or a float; ``labels``: optional class labels ``(K,)``
+    (integers from 0). Computations run in the dtype and device of the query; parameters are
+    stored in float64 (and copied per device once: treat them as read-only).
     """
 
-    def __init__(self, weights, means, stds):
+    def __init__(self, weights, means, stds, labels=None):
         means = torch.as_tensor(means, dtype=torch.float64)
         weights = torch.as_tensor(weights, dtype=torch.float64)
         if means.dim() < 2:
@@ -45,12 +51,19 @@ class GaussianMixture:
             raise ValueError(f"stds of shape {tuple(stds.shape)} do not match means {tuple(means.shape)}") from None
         if not bool((stds > 0).all()):
             raise ValueError("stds must be positive")
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.shape != (K,) or labels.is_floating_point() or labels.is_complex() or bool((labels < 0).any()):
+                raise ValueError(f"labels must be {K} non-negative integers, got {labels}")
+            labels = labels.long()
+        self.labels = labels
         self.weights = weights / weights.sum()
         self.means = means
         self.stds = stds
         self.event_shape = tuple(means.shape[1:])
         self.dim = int(means[0].numel())
         self._on_device: dict = {}
+        self._labels_on_device: dict = {}
 
     @property
     def num_components(self) -> int:
@@ -137,7 +150,84 @@ class GaussianMixture:
     def diffused(self, sde: SDE, t: float) -> "GaussianMixture":
         """The mixture ``p_t`` at one time ``t``: means ``alpha mu_k``, stds ``sqrt(alpha^2 s_k^2 + sigma^2)``."""
         alpha, sigma = (c.item() for c in sde.marginal(torch.tensor(float(t), dtype=torch.float64)))
-        return GaussianMixture(self.weights, alpha * self.means, torch.sqrt(alpha**2 * self.stds**2 + sigma**2))
+        return GaussianMixture(self.weights, alpha * self.means, torch.sqrt(alpha**2 * self.stds**2 + sigma**2),
+                               self.labels)
+
+    # -- class labels ------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    def _labels(self, like: torch.Tensor) -> torch.Tensor:
+        if self.labels is None:
+            raise ValueError("this mixture has no class labels: build it with labels=...")
+        if like.device not in self._labels_on_device:  # integers: one copy per device serves every dtype
+            self._labels_on_device[like.device] = self.labels.to(like.device)
+        return self._labels_on_device[like.device]
+
+    def _class_mask(self, y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``(batch, K)``: True where component ``k`` carries sample ``i``'s label ``y_i`` (every ``k`` if ``y_i < 0``)."""
+        y = torch.as_tensor(y, device=like.device).reshape(-1, 1)
+        return (self._labels(like) == y) | (y < 0)
+
+    def class_log_prob(self, sde: SDE | None, x: torch.Tensor, t=None) -> torch.Tensor:
+        """``log p_t(y = c | x)`` for every class ``c``, shape ``(batch, num_classes)`` (``sde=None``: at t = 0)."""
+        x = self._check_x(x)
+        log_comp, _ = self._component_terms(x, *self._coefficients(sde, x, t))
+        other = self._labels(x) != torch.arange(self.num_classes, device=x.device)[:, None]  # (C, K)
+        return torch.logsumexp(log_comp.unsqueeze(1).masked_fill(other, -math.inf), -1) - torch.logsumexp(
+            log_comp, 1, keepdim=True)
+
+    def classifier(self, sde: SDE):
+        """The exact noisy classifier ``classifier_log_prob(x, t, y) = log p_t(y | x)``, shape ``(batch,)``."""
+
+        def classifier_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            log_comp, _ = self._component_terms(x, *sde._alpha_sigma(t))
+            in_class = log_comp.masked_fill(~self._class_mask(y, x), -math.inf)
+            return torch.logsumexp(in_class, 1) - torch.logsumexp(log_comp, 1)
+
+        return classifier_log_prob
+
+    def conditional_score_fn(self, sde: SDE):
+        """The exact class-conditional score ``score_fn(x, t, y) = grad_x log p_t(x | y)``, ``y: (batch,)``.
+
+        A negative label is the null condition: it gives the unconditional score, as a network
+        trained with condition dropout would (see :func:`sdediff.drop_condition`).
+        """
+
+        def score_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            log_comp, pull = self._component_terms(x, *sde._alpha_sigma(t))
+            resp = torch.softmax(log_comp.masked_fill(~self._class_mask(y, x), -math.inf), 1).unsqueeze(-1)
+            return (resp * pull).sum(1).reshape(x.shape)
+
+        return score_fn
+
+    def conditional(self, y: int) -> "GaussianMixture":
+        """The mixture of class ``y``'s components, ``p_0(x | y)``."""
+        if self.labels is None:
+            raise ValueError("this mixture has no class labels: build it with labels=...")
+        keep = self.labels == int(y)
+        if not bool(keep.any()):
+            raise ValueError(f"no component has label {y}; labels are {self.labels.tolist()}")
+        return GaussianMixture(self.weights[keep], self.means[keep], self.stds[keep], self.labels[keep])
+
+    def condition_on(self, mask, known) -> "GaussianMixture":
+        """``p_0(x_unknown | x_known)``: a mixture on the flattened unknown coordinates.
+
+        ``mask``: ``event_shape`` booleans, True where the coordinate is known; ``known``: values of
+        ``event_shape`` (read where ``mask`` is True). Component ``k`` keeps its mean and std on the
+        unknown coordinates and gets weight ``∝ w_k N(x_known; mu_k, diag(s_k^2))`` (diagonal
+        components factorize).
+        """
+        K = self.num_components
+        mask = torch.as_tensor(mask, dtype=torch.bool).reshape(-1)
+        known = torch.as_tensor(known, dtype=torch.float64).reshape(-1)
+        if mask.numel() != self.dim or known.numel() != self.dim or not bool(mask.any()) or bool(mask.all()):
+            raise ValueError(f"mask and known must have {self.dim} entries, with some but not all coordinates known")
+        mu, s = self.means.reshape(K, -1), self.stds.reshape(K, -1)
+        z = (known[mask] - mu[:, mask]) / s[:, mask]
+        log_w = self.weights.log() - (0.5 * z**2 + s[:, mask].log()).sum(1)
+        return GaussianMixture(torch.softmax(log_w, 0), mu[:, ~mask], s[:, ~mask], self.labels)
 
     def mean(self) -> torch.Tensor:
         """Mixture mean, ``event_shape``."""

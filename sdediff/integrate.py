@@ -104,8 +104,8 @@ def _counted_term(term):
     raise TypeError(f"term must be an ODETerm or SDETerm, got {type(term).__name__}")
 
 
-def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None, brownian=None, generator=None,
-              noise_free_last_step: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
+def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None, projection=None, brownian=None,
+              generator=None, noise_free_last_step: bool = False, rtol: float = 1e-5, atol: float = 1e-5,
               return_trajectory: bool = False, progress: bool = False) -> Solution:
     """Integrate an :class:`ODETerm` or :class:`SDETerm` from ``ts[0]`` through the grid ``ts``.
 
@@ -122,6 +122,10 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
     runs its Langevin steps at ``ts[i]`` before each step (predictor–corrector, in score_sde's
     order), drawing its noise from ``generator``. With ``solver=None`` nothing is stepped: the
     corrector runs at every time of ``ts`` (annealed Langevin dynamics).
+
+    ``projection(x, t) -> x`` is applied to the state after every step, at the step's end time
+    (inpainting's replacement of the known region, :func:`sdediff.sample_inpaint`). A multistep
+    solver keeps the history of its unprojected evaluations.
 
     ``rtol``/``atol`` apply to adaptive solvers; ``progress`` shows a bar for fixed-step ones.
     ``nfe`` counts score calls for terms with a process and field calls otherwise. Non-finite
@@ -141,10 +145,13 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
             raise TypeError(f"corrector must be a sdediff Corrector, got {type(corrector).__name__}")
         if term.process is None:
             raise TypeError("a corrector needs the score: give a term built by ReverseProcess.ode_term() / .sde_term()")
+    if projection is not None:
+        _checks.callable_("projection", projection)
 
     if isinstance(solver, (TorchdiffeqSolver, TorchsdeSolver)):
-        if corrector is not None:
-            raise ValueError(f"solver {solver.name!r} runs its own loop and cannot be combined with a corrector")
+        if corrector is not None or projection is not None:
+            raise ValueError(f"solver {solver.name!r} runs its own loop and cannot be combined with a corrector "
+                             "or a projection")
         field = term.vector_field if isinstance(term, ODETerm) else term.drift
         xs = _solve_external(solver, term, field, x, ts, brownian, generator, noise_free_last_step, rtol, atol)
         finite = torch.isfinite(xs.reshape(len(ts), -1)).all(1)
@@ -179,6 +186,8 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
                 x, state = solver.step(term, x, t0, times[i + 1], dw, state)
             else:
                 x = solver.step(term, x, t0, times[i + 1], dw)
+        if projection is not None:
+            x = projection(x, times[i + 1] if solver is not None else t0)
         checksums.append(checksum(x))
         if xs is not None:
             xs.append(x)

@@ -7,7 +7,9 @@ With ``x_t = alpha x_0 + sigma eps``:
 * v-prediction (``v = alpha eps - sigma x0``, Salimans & Ho):
   ``eps = (sigma x + alpha v) / (alpha^2 + sigma^2)``, then as eps.
 
-Each ``model(x, t)`` takes ``x: (batch, *dims)`` and continuous ``t: (batch,)``. Networks
+Each ``model(x, t)`` takes ``x: (batch, *dims)`` and continuous ``t: (batch,)``; extra inputs
+(a class label, a low-resolution image for SR3/Palette-style conditioning) pass through:
+``score_fn(x, t, y)`` calls ``model(x, t, y)``. Networks
 trained on N discrete timesteps are wrapped by :func:`discrete_score_fn` (and a diffusers
 ``UNet2DModel`` with its scheduler by :func:`from_diffusers`), with timestep ``n`` (0-based) at
 ``t = (n + 1) / N`` on ``VPSDE.from_betas(betas)``, where ``alpha(t)^2 = alphas_cumprod[n]`` exactly.
@@ -48,9 +50,9 @@ def as_score_fn(model, sde: SDE, prediction: str = "eps"):
     if prediction == "score":
         return model
 
-    def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def score_fn(x: torch.Tensor, t: torch.Tensor, *cond, **cond_kw) -> torch.Tensor:
         alpha, sigma = (bcast(c, x) for c in sde._alpha_sigma(t))
-        return _to_score(model(x, t), x, alpha, sigma, prediction)
+        return _to_score(model(x, t, *cond, **cond_kw), x, alpha, sigma, prediction)
 
     return score_fn
 
@@ -85,14 +87,14 @@ def discrete_score_fn(model, sde: SDE, prediction: str = "eps", *, integer_times
         raise TypeError("sde must be a VPSDE with discrete betas: build it with VPSDE.from_betas(betas) "
                         "or VPSDE.from_alphas_cumprod(alphas_cumprod)")
 
-    def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def score_fn(x: torch.Tensor, t: torch.Tensor, *cond, **cond_kw) -> torch.Tensor:
         n = t * N - 1.0
         if integer_timesteps:
             n = torch.round(n).clamp(0, N - 1)
             t = (n + 1.0) / N
             n = n.long()
         alpha, sigma = (bcast(c, x) for c in sde._alpha_sigma(t))
-        return _to_score(model(x, n), x, alpha, sigma, prediction)
+        return _to_score(model(x, n, *cond, **cond_kw), x, alpha, sigma, prediction)
 
     return score_fn
 
@@ -102,7 +104,8 @@ def from_diffusers(unet, scheduler):
 
     ``sde = VPSDE.from_alphas_cumprod(scheduler.alphas_cumprod)`` and the prediction type comes
     from ``scheduler.config.prediction_type``; a learned-variance output (``2C`` channels) keeps
-    its first ``C``. Timesteps are integers, as diffusers' schedulers use them.
+    its first ``C``. Timesteps are integers, as diffusers' schedulers use them. Extra arguments of
+    ``score_fn(x, t, ...)`` go to the unet (e.g. ``class_labels=y``).
     """
     from .sdes import VPSDE
 
@@ -114,8 +117,8 @@ def from_diffusers(unet, scheduler):
         raise ValueError(f"prediction_type {config.prediction_type!r} is not one of {tuple(_DIFFUSERS_PREDICTIONS)}")
     sde = VPSDE.from_alphas_cumprod(scheduler.alphas_cumprod.detach().to(torch.float64))
 
-    def model(x, n):
-        out = unet(x, n).sample
+    def model(x, n, *cond, **cond_kw):
+        out = unet(x, n, *cond, **cond_kw).sample
         return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
     return discrete_score_fn(model, sde, prediction), sde
