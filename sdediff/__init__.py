@@ -13,24 +13,27 @@ from .grids import discrete_time_grid, time_grid
 from .inpaint import sample_inpaint
 from .integrate import NonFiniteError, Solution, integrate
 from .likelihood import Evaluation, Likelihood, bits_per_dim, decode, encode, evaluate, log_likelihood
-from .models import as_score_fn, discrete_score_fn, from_diffusers, score_from_eps, score_from_v, score_from_x0
+from .losses import LossHistorySampler, dsm_loss, ssm_loss
+from .models import LearnedVariance, as_score_fn, discrete_score_fn, from_diffusers, score_from_eps, score_from_v, score_from_x0
 from .reverse import ReverseProcess
 from .sampling import sample_ode, sample_sde
 from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, Schedule
-from .sdes import SDE, SubVPSDE, VESDE, VPSDE
+from .sdes import EDMSDE, SDE, SubVPSDE, VESDE, VPSDE
 from .solvers import (AnnealedLangevin, Corrector, LangevinCorrector, ODESolver, SDESolver, Solver, available_solvers,
                       get_solver, register_solver)
 from .terms import ODETerm, SDETerm
+from .vlb import discretized_gaussian_log_likelihood, hybrid_loss, normal_kl, variational_bound
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SDE", "VPSDE", "SubVPSDE", "VESDE", "ReverseProcess",
+    "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDMSDE", "ReverseProcess",
     "Schedule", "LinearSchedule", "CosineSchedule", "DiscreteSchedule",
     "sample_ode", "sample_sde", "integrate", "Solution", "NonFiniteError", "time_grid", "discrete_time_grid",
     "sample_ddpm", "sample_ddim", "sample_ald", "sample_pc", "Corrector", "LangevinCorrector", "AnnealedLangevin",
     "ODETerm", "SDETerm", "Solver", "ODESolver", "SDESolver", "available_solvers", "get_solver", "register_solver",
     "GaussianMixture", "as_score_fn", "score_from_eps", "score_from_x0", "score_from_v", "discrete_score_fn",
     "from_diffusers", "log_likelihood", "bits_per_dim", "encode", "decode", "Likelihood", "evaluate",
-    "Evaluation", "classifier_guidance", "classifier_free_guidance", "drop_condition", "sample_inpaint",
+    "Evaluation", "classifier_guidance", "classifier_free_guidance", "drop_condition", "sample_inpaint", "LearnedVariance", "dsm_loss", "ssm_loss", "LossHistorySampler", "hybrid_loss",
+    "variational_bound", "normal_kl", "discretized_gaussian_log_likelihood",
 ]

@@ -25,6 +25,11 @@ from ._tensors import moved
 from .sdes import SDE
 
 
+def _check_sde(sde):
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+
+
 class GaussianMixture:
     """``sum_k w_k N(mu_k, diag(s_k^2))`` on ``event_shape`` (vectors or any tensor shape).
 
@@ -74,17 +79,20 @@ class GaussianMixture:
         K = self.num_components
         return moved(self._on_device, like, (self.weights.log(), self.means.reshape(K, -1), self.stds.reshape(K, -1)))
 
-    def sample(self, n: int, *, generator=None, dtype=torch.float64, device=None, return_labels: bool = False):
-        """``n`` exact draws ``(n, *event_shape)`` (and their component labels ``(n,)`` if asked)."""
+    def sample(self, n: int, *, generator=None, dtype=torch.float64, device=None, return_components: bool = False):
+        """``n`` exact draws ``(n, *event_shape)`` (and the index of each one's component ``(n,)`` if asked).
+
+        A draw's class label is ``labels[component]``.
+        """
         n = _checks.positive_int("n", n)
         # Draw on the generator's device (any device works then), in float64, then move.
         where = generator.device if generator is not None else torch.device("cpu")
-        labels = torch.multinomial(self.weights.to(where), n, replacement=True, generator=generator)
+        components = torch.multinomial(self.weights.to(where), n, replacement=True, generator=generator)
         z = torch.randn((n, self.dim), generator=generator, dtype=torch.float64, device=where)
         K = self.num_components
-        x = self.means.reshape(K, -1).to(where)[labels] + self.stds.reshape(K, -1).to(where)[labels] * z
+        x = self.means.reshape(K, -1).to(where)[components] + self.stds.reshape(K, -1).to(where)[components] * z
         x = x.reshape((n,) + self.event_shape).to(dtype=dtype, device=device)
-        return (x, labels.to(x.device)) if return_labels else x
+        return (x, components.to(x.device)) if return_components else x
 
     def _component_terms(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
         """Per-component log-densities ``(batch, K)`` and ``(alpha mu_k - x) / var_k`` ``(batch, K, d)``."""
@@ -139,8 +147,7 @@ class GaussianMixture:
 
     def score_fn(self, sde: SDE):
         """The exact ``score_fn(x, t)`` of the mixture diffused by ``sde`` (``t: (batch,)``, unvalidated)."""
-        if not isinstance(sde, SDE):
-            raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+        _check_sde(sde)
 
         def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self._score(x, *sde._alpha_sigma(t))
@@ -180,6 +187,7 @@ class GaussianMixture:
 
     def classifier(self, sde: SDE):
         """The exact noisy classifier ``classifier_log_prob(x, t, y) = log p_t(y | x)``, shape ``(batch,)``."""
+        _check_sde(sde)
 
         def classifier_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             log_comp, _ = self._component_terms(x, *sde._alpha_sigma(t))
@@ -194,6 +202,7 @@ class GaussianMixture:
         A negative label is the null condition: it gives the unconditional score, as a network
         trained with condition dropout would (see :func:`sdediff.drop_condition`).
         """
+        _check_sde(sde)
 
         def score_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             log_comp, pull = self._component_terms(x, *sde._alpha_sigma(t))

@@ -19,6 +19,7 @@ import torch
 
 from . import _checks
 from .grids import DEFAULT_TRAIN_TIMESTEPS, discrete_time_grid
+from .models import LearnedVariance
 from .reverse import ReverseProcess
 from .sampling import _prepare, _run, _start
 from .sdes import VESDE
@@ -27,7 +28,7 @@ from .solvers.langevin import AnnealedLangevin, Corrector, LangevinCorrector
 from .solvers.transition import DDIM, Ancestral
 
 
-def sample_ddpm(score_fn, sde, x, *, steps: int | None = None, variance: str = "beta", clip_x0: float | None = None,
+def sample_ddpm(score_fn, sde, x, *, steps: int | None = None, variance: str | None = None, clip_x0: float | None = None,
                 spacing: str = "leading", num_train_timesteps: int | None = None, generator=None, brownian=None,
                 return_trajectory: bool = False, progress: bool = False, device=None, dtype=None):
     """DDPM ancestral sampling (Ho et al. 2020) over ``steps`` training timesteps (default: all ``N``).
@@ -35,7 +36,9 @@ def sample_ddpm(score_fn, sde, x, *, steps: int | None = None, variance: str = "
     ``x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(1 - beta_t) + sigma_t z``, written as the
     posterior mean ``sqrt(abar_{t-1}) beta_t / (1 - abar_t) x0 + sqrt(1 - beta_t)(1 - abar_{t-1}) / (1 - abar_t) x_t``
     through the predicted ``x0`` (clipped to ``[-clip_x0, clip_x0]`` if asked), with
-    ``sigma_t^2 = beta_t`` (``variance="beta"``) or the posterior ``beta~_t`` (``"posterior"``).
+    ``sigma_t^2 = beta_t`` (``variance="beta"``, the default) or the posterior ``beta~_t``
+    (``"posterior"``); a :class:`sdediff.LearnedVariance` ``score_fn`` samples with its learned
+    variance ``exp(frac log beta_t + (1 - frac) log beta~_t)`` unless ``variance`` is given.
     With fewer steps than ``N`` the step ``t -> s`` uses ``beta = 1 - abar_t / abar_s`` (as
     diffusers). Timesteps are placed by :func:`sdediff.discrete_time_grid` (``spacing``,
     ``num_train_timesteps``); the last step lands on ``t = 0`` and adds no noise.
@@ -43,6 +46,8 @@ def sample_ddpm(score_fn, sde, x, *, steps: int | None = None, variance: str = "
     x, monitor = _start(score_fn, sde, x, generator, device, dtype)
     ts = discrete_time_grid(sde, _default_steps(sde, steps, num_train_timesteps), spacing=spacing,
                             num_train_timesteps=num_train_timesteps, dtype=x.dtype, device=x.device)
+    if variance is None:
+        variance = score_fn if isinstance(score_fn, LearnedVariance) else "beta"
     solver = Ancestral(variance, clip_x0, eps_from_clipped_x0=True)
     return _run(ReverseProcess(sde, monitor, 1.0).sde_term(), x, ts, monitor, solver=solver, brownian=brownian,
                 generator=generator, noise_free_last_step=True, return_trajectory=return_trajectory, progress=progress)

@@ -6,9 +6,11 @@ By Bayes' rule ``grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x)``, 
 * classifier-free guidance (Ho & Salimans 2022): ``(1 + w) s(x, t, y) - w s(x, t)``
   ``= s(x, t, y) + w [s(x, t, y) - s(x, t)]``, the same with an implicit classifier.
 
-``w = 1`` (classifier) and ``w = 0`` (classifier-free) sample ``p(x | y)``; larger ``w`` samples
-the sharper ``p(x) p(y | x)^(1 + w)``-like targets that trade diversity for fidelity. diffusers'
-``guidance_scale`` is ``1 + w``. Each transform returns an ordinary ``score_fn(x, t)``, so every
+``w = 1`` (classifier) and ``w = 0`` (classifier-free) sample ``p(x | y)``. Larger scales trade
+diversity for fidelity: at ``t = 0`` the guided score is that of ``p(x) p(y | x)^gamma``
+(``gamma = w`` for classifier guidance, ``1 + w`` for CFG), but at ``t > 0`` it is not the score
+of that target diffused, so the samples overshoot it (docs/guidance.md measures by how much).
+diffusers' ``guidance_scale`` is ``1 + w``. Each transform returns an ordinary ``score_fn(x, t)``, so every
 sampler, solver and the likelihood code take it unchanged.
 """
 

@@ -122,3 +122,40 @@ def from_diffusers(unet, scheduler):
         return out[:, : x.shape[1]] if out.shape[1] == 2 * x.shape[1] else out
 
     return discrete_score_fn(model, sde, prediction), sde
+
+
+class LearnedVariance:
+    """A network with improved DDPM's learned variance (Nichol & Dhariwal 2021), as a ``score_fn``.
+
+    ``model(x, n) -> (batch, 2C, ...)``, trained on the ``N`` timesteps of ``sde`` (see
+    :func:`discrete_score_fn`), gives the ``prediction`` in its first ``C`` channels and
+    ``v in [-1, 1]`` in the last ``C``. Called as ``score_fn(x, t)`` it returns the score of the
+    first half; :meth:`interpolation` gives ``frac = (v + 1) / 2`` at the same ``x`` from the same
+    network call, and the DDPM sampler steps with the variance
+    ``exp(frac log beta + (1 - frac) log beta~)`` (``sample_ddpm`` does this when handed one).
+    """
+
+    def __init__(self, model, sde: SDE, prediction: str = "eps", *, integer_timesteps: bool = True):
+        _checks.callable_("model", model)
+        self._x = self._v = None
+
+        def first_half(x, n, *cond, **cond_kw):
+            out = model(x, n, *cond, **cond_kw)
+            C = x.shape[1] if x.dim() > 1 else 0
+            if not isinstance(out, torch.Tensor) or x.dim() < 2 or out.shape != (x.shape[0], 2 * C) + x.shape[2:]:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(f"a learned-variance model must return (batch, 2C, ...) = "
+                                 f"{(x.shape[0], 2 * C) + tuple(x.shape[2:])} for x {tuple(x.shape)}, got {got}")
+            self._x, self._v = x, out[:, C:]
+            return out[:, :C]
+
+        self._score_fn = discrete_score_fn(first_half, sde, prediction, integer_timesteps=integer_timesteps)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *cond, **cond_kw) -> torch.Tensor:
+        return self._score_fn(x, t, *cond, **cond_kw)
+
+    def interpolation(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``frac = (v + 1) / 2`` of the network at ``(x, t)``, shape of ``x`` (reuses the last call at this ``x``)."""
+        if self._x is not x:
+            self(x, t.expand(x.shape[0]) if t.dim() == 0 else t)
+        return (self._v + 1.0) / 2.0

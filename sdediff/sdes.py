@@ -270,3 +270,35 @@ class VESDE(SDE):
 
     def __repr__(self):
         return f"VESDE(sigma_min={self.sigma_min}, sigma_max={self.sigma_max})"
+
+
+class EDMSDE(SDE):
+    """The variance-exploding SDE ``dx = sqrt(2t) dW`` of EDM and consistency models (Karras et al. 2022).
+
+    ``alpha = 1`` and ``sigma(t) = t``: time is the noise level, ``t`` in ``[0, sigma_max]``, and
+    the probability-flow ODE is ``dx/dt = -t score = (x - x0_hat) / t``. The prior is
+    ``N(0, sigma_max^2 I)``; sample down to ``t_end = 0.002`` (EDM's ``sigma_min``).
+    """
+
+    def __init__(self, sigma_max: float = 80.0):
+        self.sigma_max = _checks.real("sigma_max", sigma_max, low=0.0, low_open=True)
+        self.T = self.sigma_max
+        self.prior_std = self.sigma_max
+
+    def _drift_coef(self, t):
+        return torch.zeros_like(t)
+
+    def _g2(self, t):
+        return 2.0 * t
+
+    def _alpha_sigma(self, t):
+        return torch.ones_like(t), t
+
+    def _log_snr(self, t):
+        return -2.0 * torch.log(t)
+
+    def _t_from_log_snr(self, lam):
+        return torch.exp(-0.5 * lam)
+
+    def __repr__(self):
+        return f"EDMSDE(sigma_max={self.sigma_max})"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sdediff import SubVPSDE, VESDE, VPSDE
+from sdediff import EDMSDE, SubVPSDE, VESDE, VPSDE
 
 # The tests run small tensors, where intra-op threads cost more than they give (and on a loaded
 # 2-core machine, far more).
@@ -22,6 +22,7 @@ SDE_FACTORIES = {
     "subvp_linear": lambda: SubVPSDE(),
     "subvp_cosine": lambda: SubVPSDE(schedule="cosine"),
     "ve": lambda: VESDE(),
+    "edm": lambda: EDMSDE(),
 }
 
 

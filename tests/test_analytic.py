@@ -193,7 +193,7 @@ def _assert_moments(x, mean, cov, n_se=5.0):
 def test_samples_have_mixture_moments():
     for gm in (mixture_2d(), mixture(5, seed=8)):
         n = 40_000
-        x, labels = gm.sample(n, generator=torch.Generator().manual_seed(9), return_labels=True)
+        x, labels = gm.sample(n, generator=torch.Generator().manual_seed(9), return_components=True)
         assert x.shape == (n, gm.dim) and x.dtype == F64 and labels.shape == (n,)
         _assert_moments(x, gm.mean(), gm.covariance())
         # given its label, a draw standardized by its component is N(0, I): a sharper check of the
@@ -289,4 +289,4 @@ def test_query_validation(sde):
     with pytest.raises(TypeError, match="x"):
         gm.marginal_log_prob(sde, torch.zeros(3, 2, dtype=torch.int64), 0.5)
     with pytest.raises(ValueError, match="^t "):
-        gm.marginal_score(sde, torch.zeros(3, 2, dtype=F64), 1.5)
+        gm.marginal_score(sde, torch.zeros(3, 2, dtype=F64), 1.5 * sde.T)

@@ -371,3 +371,43 @@ def test_predictions_match_diffusers(prediction_type, clip):
     _report(f"{prediction_type} clip={clip}", **diffs)
     for name, d in diffs.items():
         assert d < (TOL_F64 if name.endswith("float64") else TOL_F32), name
+
+
+# --------------------------------------------------------------------------------------------
+# improved DDPM's learned variance
+
+
+def learned_variance_model(x, n):
+    """``(batch, 2C)``: the exact eps, then a variance output ``v in (-1, 1)`` varying with ``x`` and ``n``."""
+    n = torch.as_tensor(n).long().expand(x.shape[0])
+    v = torch.tanh(0.7 * x + 0.03 * n.to(F64)[:, None] - 0.5)
+    return torch.cat([model()(x, n), v], 1)
+
+
+@pytest.mark.parametrize("steps,spacing", [(None, "leading"), (STEPS, "leading"), (STEPS, "trailing")])
+def test_learned_variance_ddpm_matches_diffusers_learned_range(steps, spacing):
+    """sample_ddpm with a LearnedVariance network = DDPMScheduler(variance_type="learned_range"), step by step."""
+    from sdediff import LearnedVariance
+
+    scheduler = _upcast(diffusers.DDPMScheduler(**SCHEDULE, variance_type="learned_range", clip_sample=False,
+                                                timestep_spacing=spacing, steps_offset=0))
+    if steps is not None:
+        scheduler.set_timesteps(steps)
+    g, x = torch.Generator().manual_seed(5), _x_init()
+    xs = [x]
+    for n in scheduler.timesteps:
+        x = scheduler.step(learned_variance_model(x, n), n, x, generator=g).prev_sample
+        xs.append(x)
+    lv = LearnedVariance(learned_variance_model, SDE)
+    sol = sample_ddpm(lv, SDE, _x_init(), steps=steps, spacing=spacing, generator=torch.Generator().manual_seed(5),
+                      return_trajectory=True)
+    n_last = int(scheduler.timesteps[-1])
+    compared = torch.stack(xs) if n_last == 0 else torch.stack(xs)[:-1]
+    diff = _maxdiff(sol.xs[: len(compared)], compared)
+    _report(f"learned-variance DDPM steps={steps} {spacing}", float64_scheduler=diff)
+    assert diff < TOL_F64 and sol.nfe == len(scheduler.timesteps)
+    # The variance matters: the fixed "beta" and "posterior" variances give other samples.
+    for fixed in ("beta", "posterior"):
+        other = sample_ddpm(lv, SDE, _x_init(), steps=steps, spacing=spacing, variance=fixed,
+                            generator=torch.Generator().manual_seed(5))
+        assert _maxdiff(other.x, sol.x) > 1e-3

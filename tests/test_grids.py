@@ -32,9 +32,9 @@ def test_uniform_and_quadratic_formulas(sde, steps, t_start, t_end):
     start, end = _ends(sde, t_start, t_end)
     i = np.arange(steps + 1)
     ts = time_grid(sde, steps, grid="uniform", t_start=t_start, t_end=t_end).numpy()
-    np.testing.assert_allclose(ts, start + (end - start) * i / steps, rtol=1e-14, atol=1e-16)
+    np.testing.assert_allclose(ts, start + (end - start) * i / steps, rtol=1e-14, atol=1e-16 * start)
     tq = time_grid(sde, steps, grid="quadratic", t_start=t_start, t_end=t_end).numpy()
-    np.testing.assert_allclose(tq, end + (start - end) * (1 - i / steps) ** 2, rtol=1e-14, atol=1e-16)
+    np.testing.assert_allclose(tq, end + (start - end) * (1 - i / steps) ** 2, rtol=1e-14, atol=1e-16 * start)
     # dense near t_end: step sizes shrink monotonically towards the data
     h = -np.diff(tq)
     assert np.all(np.diff(h) < 0)
@@ -108,7 +108,7 @@ def test_user_grid_increasing_is_reversed(sde):
 )
 def test_user_grid_rejects(sde, values, steps, match):
     with pytest.raises(ValueError, match=match):
-        time_grid(sde, steps, grid=torch.tensor(values, dtype=F64))
+        time_grid(sde, steps, grid=sde.T * torch.tensor(values, dtype=F64))  # in units of T
 
 
 def test_user_grid_type_errors(sde):
@@ -139,6 +139,9 @@ def test_user_grid_type_errors(sde):
 def test_time_grid_rejects(sde, kwargs, exc, match):
     kwargs = dict(kwargs)
     steps = kwargs.pop("steps")
+    for name in ("t_start", "t_end"):  # in units of T
+        if isinstance(kwargs.get(name), float):
+            kwargs[name] *= sde.T
     with pytest.raises(exc, match=match):
         time_grid(sde, steps, **kwargs)
 

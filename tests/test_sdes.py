@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from sdediff import SubVPSDE, VESDE, VPSDE
+from sdediff import EDMSDE, SubVPSDE, VESDE, VPSDE
 from sdediff.schedules import DiscreteSchedule
 
 F64 = torch.float64
@@ -303,7 +303,7 @@ def test_perturb_rejects_bad_noise(sde):
 # ---------------------------------------------------------------------------------------------
 
 def test_prior_logp_matches_torch_normal(sde):
-    expected_std = sde.sigma_max if isinstance(sde, VESDE) else 1.0
+    expected_std = sde.sigma_max if isinstance(sde, (VESDE, EDMSDE)) else 1.0
     assert sde.prior_std == expected_std
     z = sde.prior_std * torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
     ref = torch.distributions.Normal(_t(0.0), _t(sde.prior_std)).log_prob(z).sum((1, 2))
@@ -361,8 +361,8 @@ def test_constructor_validation(make, exc, match):
 
 def test_time_validation(sde):
     x = torch.zeros(4, 3, dtype=F64)
-    bad_times = [1.5, -0.1, sde.T * (1 + 1e-6), float("nan"), torch.tensor([0.5, float("nan")]),
-                 torch.tensor([0.5, -1e-3]), torch.tensor(2.0)]
+    bad_times = [1.5 * sde.T, -0.1, sde.T * (1 + 1e-6), float("nan"), torch.tensor([0.5, float("nan")]),
+                 torch.tensor([0.5, -1e-3]), torch.tensor(2.0 * sde.T)]
     for bad in bad_times:
         with pytest.raises(ValueError, match="t must lie in|t must be in|t must be finite"):
             sde.marginal(bad)

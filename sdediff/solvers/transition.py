@@ -77,33 +77,42 @@ class Ancestral(_Predicting, SDESolver):
     ``variance="posterior"``: DDIM's step above (``eta = 1``: DDPM with the posterior variance
     ``beta~``; on the VE SDE, score_sde's ancestral sampler). ``variance="beta"``: DDPM's larger
     choice, the posterior mean with the transition variance ``sigma_t^2 (1 - r)`` (= ``beta_t``);
-    it needs stochasticity 1. DDPM's posterior mean is written through ``x0``: with ``clip_x0``, pass
-    ``eps_from_clipped_x0=True`` for it (DDIM's default keeps the model's ``eps``). The noise is
-    ``z = dW / sqrt(|h|)``; weak order 1.
+    it needs stochasticity 1. ``variance`` may also be a :class:`sdediff.LearnedVariance`
+    network: the variance ``exp(frac log beta + (1 - frac) log beta~)`` interpolates the two with
+    the network's ``frac`` at ``(x_t, t)`` (improved DDPM; stochasticity 1). DDPM's posterior mean
+    is written through ``x0``: with ``clip_x0``, pass ``eps_from_clipped_x0=True`` for it (DDIM's
+    default keeps the model's ``eps``). The noise is ``z = dW / sqrt(|h|)``; weak order 1.
     """
 
     name, order, additive_order, evals_per_step, needs_process = "ancestral", 0.5, 1.0, 1, True
 
-    def __init__(self, variance: str = "posterior", clip_x0: float | None = None, eps_from_clipped_x0: bool = False):
-        if variance not in VARIANCES:
-            raise ValueError(f"variance must be one of {VARIANCES}, got {variance!r}")
+    def __init__(self, variance="posterior", clip_x0: float | None = None, eps_from_clipped_x0: bool = False):
+        if variance not in VARIANCES and not callable(getattr(variance, "interpolation", None)):
+            raise ValueError(f"variance must be one of {VARIANCES} or a LearnedVariance network, got {variance!r}")
         super().__init__(clip_x0, eps_from_clipped_x0)
         self.variance = variance
 
     def check_term(self, term):
         super().check_term(term)
-        if self.variance == "beta" and term.process.stochasticity != 1.0:
-            raise ValueError("variance='beta' samples the reverse SDE with stochasticity 1, "
+        if self.variance != "posterior" and term.process.stochasticity != 1.0:
+            which = "'beta'" if self.variance == "beta" else "learned"
+            raise ValueError(f"variance={which} samples the reverse SDE with stochasticity 1, "
                              f"got {term.process.stochasticity}; use variance='posterior' for DDIM's eta")
 
     def step(self, term, x, t0, t1, dw):
         a_t, sig_t, a_s, sig_s, r = _kernel(term.process.sde, x, t0, t1)
         x0, eps = self._predict(term.process, x, t0, a_t, sig_t)
-        eta2 = 1.0 if self.variance == "beta" else term.process.stochasticity ** 2
+        eta2 = 1.0 if self.variance != "posterior" else term.process.stochasticity ** 2
         mean = a_s * x0 + sig_s * torch.sqrt(1.0 - eta2 * (1.0 - r)) * eps
         if dw is None:
             return mean
-        var = sig_t**2 * (1.0 - r) if self.variance == "beta" else eta2 * sig_s**2 * (1.0 - r)
+        if self.variance == "beta":
+            var = sig_t**2 * (1.0 - r)
+        elif self.variance == "posterior":
+            var = eta2 * sig_s**2 * (1.0 - r)
+        else:  # beta^frac beta~^(1 - frac): the log-space interpolation
+            frac = self.variance.interpolation(x, t0)
+            var = (1.0 - r) * sig_t ** (2.0 * frac) * sig_s ** (2.0 - 2.0 * frac)
         return mean + torch.sqrt(var / (t1 - t0).abs()) * dw
 
 
