@@ -3,13 +3,18 @@
 Forward processes (:class:`VPSDE`, :class:`SubVPSDE`, :class:`VESDE`), their reverse-time SDE and
 probability-flow ODE, pluggable solvers, the sampling loops, the classic samplers (DDPM, DDIM,
 annealed Langevin, predictor–corrector) as their discretizations, guidance and inpainting as
-transformations of the score and of the sampling loop, and an exact Gaussian-mixture test bed.
+transformations of the score and of the sampling loop, exact log-likelihoods, training objectives
+(score matching, improved DDPM's bound, consistency models, progressive distillation), and an
+exact Gaussian-mixture test bed.
 """
 
 from .analytic import GaussianMixture
 from .classic import sample_ald, sample_ddim, sample_ddpm, sample_pc
-from .guidance import classifier_free_guidance, classifier_guidance, drop_condition
+from .consistency import (ConsistencyFunction, consistency_distillation_loss, consistency_training_loss, ema_update,
+                          karras_boundaries, sample_consistency)
+from .distillation import progressive_distillation_loss, progressive_distillation_target, snr_weight
 from .grids import discrete_time_grid, time_grid
+from .guidance import classifier_free_guidance, classifier_guidance, drop_condition
 from .inpaint import sample_inpaint
 from .integrate import NonFiniteError, Solution, integrate
 from .likelihood import Evaluation, Likelihood, bits_per_dim, decode, encode, evaluate, log_likelihood
@@ -35,5 +40,7 @@ __all__ = [
     "GaussianMixture", "as_score_fn", "score_from_eps", "score_from_x0", "score_from_v", "discrete_score_fn",
     "from_diffusers", "log_likelihood", "bits_per_dim", "encode", "decode", "Likelihood", "evaluate",
     "Evaluation", "classifier_guidance", "classifier_free_guidance", "drop_condition", "sample_inpaint", "LearnedVariance", "dsm_loss", "ssm_loss", "LossHistorySampler", "hybrid_loss",
-    "variational_bound", "normal_kl", "discretized_gaussian_log_likelihood",
+    "variational_bound", "normal_kl", "discretized_gaussian_log_likelihood", "ConsistencyFunction",
+    "consistency_training_loss", "consistency_distillation_loss", "sample_consistency", "karras_boundaries",
+    "ema_update", "progressive_distillation_target", "progressive_distillation_loss", "snr_weight",
 ]
