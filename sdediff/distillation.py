@@ -22,11 +22,11 @@ from typing import NamedTuple
 import torch
 
 from . import _checks
+from .models import PREDICTIONS, _to_score
 from .reverse import ReverseProcess
 from .sdes import SDE, bcast
 from .solvers.base import get_solver
 
-PREDICTIONS = ("x0", "eps", "v", "score")
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "snr", "constant")
 
 
@@ -90,16 +90,6 @@ def progressive_distillation_target(teacher_score_fn, sde: SDE, x_t: torch.Tenso
     return DistillationTarget(x0, eps, x_s)
 
 
-def _to_x0(out, x, alpha, sigma, prediction):
-    if prediction == "x0":
-        return out
-    if prediction == "eps":
-        return (x - sigma * out) / alpha
-    if prediction == "v":  # v = alpha eps - sigma x0  =>  alpha x - sigma v = (alpha^2 + sigma^2) x0
-        return (alpha * x - sigma * out) / (alpha**2 + sigma**2)
-    return (x + sigma**2 * out) / alpha
-
-
 def progressive_distillation_loss(student, teacher_score_fn, sde: SDE, x0: torch.Tensor, *, N: int,
                                   prediction: str = "x0", weighting: str = "truncated_snr",
                                   generator=None) -> torch.Tensor:
@@ -137,5 +127,5 @@ def progressive_distillation_loss(student, teacher_score_fn, sde: SDE, x0: torch
     if not isinstance(out, torch.Tensor) or out.shape != x0.shape:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"student must return a tensor of the shape of x0 {tuple(x0.shape)}, got {got}")
-    x0_hat = _to_x0(out, x_t, alpha, sigma, prediction)
+    x0_hat = (x_t + sigma**2 * _to_score(out, x_t, alpha, sigma, prediction)) / alpha  # Tweedie, from any output
     return snr_weight(sde, t, weighting) * (x0_hat - target).pow(2).reshape(x0.shape[0], -1).mean(1)
