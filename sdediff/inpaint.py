@@ -80,8 +80,17 @@ def sample_inpaint(score_fn, sde, x, *, known, mask, steps: int | None = None, j
     solver = _any_solver(solver)
     j = _checks.positive_int("jump_length", jump_length)
     r = _checks.positive_int("resample", resample)
+    to_zero = isinstance(grid, torch.Tensor) and grid.dim() == 1 and grid.numel() > 2 and bool(grid.min() == 0)
+    if to_zero:  # a DDPM-style grid (discrete_time_grid) ends at t = 0, where the score is not defined
+        if solver.evals_per_step != 1:
+            raise ValueError(f"a grid ending at t = 0 needs a solver that evaluates the score only at the start of "
+                             f"its step ('ancestral', 'ddim', 'euler_maruyama', ...), got {solver.name!r}")
+        grid = grid.sort(descending=True).values[:-1]
+        steps = None if steps is None else steps - 1
     x, ts, monitor = _prepare(score_fn, sde, x, solver, steps, DEFAULT_INPAINT_STEPS, t_start, t_end, grid,
                               generator, device, dtype)
+    if to_zero:
+        ts = torch.cat([ts, ts.new_zeros(1)])
     known, mask = _known_and_mask(known, mask, x)
     process = ReverseProcess(sde, monitor, stochasticity if solver.kind == "sde" else 0.0)
     term = process.sde_term() if solver.kind == "sde" else process.ode_term()

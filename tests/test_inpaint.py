@@ -48,6 +48,18 @@ def test_the_known_region_is_returned_exactly(solver):
     assert bool(torch.isfinite(sol.x).all()) and not torch.equal(sol.x[:, 1], sol.x[:, 3])
 
 
+def test_ddpm_style_inpainting_on_discrete_timesteps_ending_at_zero():
+    sde = sd.VPSDE.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    ts = sd.discrete_time_grid(sde, 50)
+    assert ts[-1] == 0.0
+    sol = inpaint(GM4.score_fn(sde), sde, (20, 4), known=KNOWN, mask=MASK, grid=ts, jump_length=10, resample=2,
+                  return_trajectory=True)
+    assert torch.equal(sol.ts[-11:], ts[-11:]) and sol.nfe == 100
+    assert torch.equal(sol.x[:, :2], KNOWN[:2].expand(20, 2)) and bool(torch.isfinite(sol.x).all())
+    with pytest.raises(ValueError, match="ending at t = 0"):
+        inpaint(GM4.score_fn(sde), sde, (20, 4), known=KNOWN, mask=MASK, grid=ts, solver="heun")
+
+
 def test_independent_coordinates_follow_the_plain_ode_path():
     """A diagonal Gaussian's score is separable: replacing coordinate 0 leaves the others' DDIM path unchanged."""
     g = sd.GaussianMixture([1.0], [[0.5, -0.3, 0.8]], [[0.3, 0.6, 0.4]])
