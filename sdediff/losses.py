@@ -63,6 +63,9 @@ def dsm_loss(model, sde: SDE, x0: torch.Tensor, *, parameterization: str = "scor
     ``(l(t_min) - l(T)) / 2 * sum_d r^2`` (same expectation as the uniform-``t`` one, and free
     of the ``1/t`` tail that uniform ``t`` gives near ``t = 0``).
 
+    The weighting is of the score error, whatever the parameterization: with ``"x0"`` or ``"v"``,
+    ``"simple"`` is the eps-space error, not the x0 or v mean-squared error (for x0 it is SNR times it).
+
     Draws, in order, from ``generator`` on ``x0``'s device and dtype: ``u = rand(batch)``
     (``t = t_min + (T - t_min) u``, or ``l = l(t_min) - (l(t_min) - l(T)) u``), then
     ``eps = randn(x0.shape)``.
@@ -194,7 +197,8 @@ class LossHistorySampler:
     def sample(self, batch: int, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps (long ``(batch,)``) and weights ``1 / (N p_n)`` (float64 ``(batch,)``)."""
         batch = _checks.positive_int("batch", batch)
-        p = self.probabilities()
+        where = generator.device if generator is not None else torch.device("cpu")  # draw where the generator is
+        p = self.probabilities().to(where)
         n = torch.multinomial(p, batch, replacement=True, generator=generator)
         return n.to(device), (1.0 / (self.num_timesteps * p[n])).to(device)
 

@@ -114,6 +114,8 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     ``P(x) = Phi((x + h - mean) / s) - Phi((x - h - mean) / s)``, ``h`` half the grid spacing; the
     first and last bins extend to ``-inf`` and ``+inf``, so the ``bins`` probabilities sum to 1.
     ``x`` is snapped to the nearest grid value. Give ``log_scale`` or ``logvar = 2 log_scale``.
+    (iDDPM's bins: ``bins`` values centred on the grid, width ``(high - low) / (bins - 1)``;
+    :func:`sdediff.bits_per_dim` dequantizes into ``bins`` cells of width ``(high - low) / bins``.)
     Computed as ``log Phi(v) + log(1 - Phi(u)/Phi(v))`` on the tail nearer the mean (no cancellation).
     """
     if (log_scale is None) == (logvar is None):

@@ -211,3 +211,46 @@ def test_guidance_inpainting_numbers(guidance):
     assert abs(exact - 0.2336) < 1e-3
     assert exact + 0.1 < inpaint["inpaint_r1"][1] < 0.6 and exact < inpaint["inpaint_r10"][1] < 0.6
     assert inpaint["inpaint_r10"][1] < inpaint["inpaint_r1"][1] + 0.05
+
+
+def run_train_toy(objective: str, tmp_path):
+    """``train_toy.py --quick --objective <objective>`` (run_quick passes no extra arguments); the PNG and stdout."""
+    out = tmp_path / f"{objective}.png"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "train_toy.py"), "--quick", "--objective", objective,
+                           "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out, proc.stdout
+
+
+def train_toy_row(stdout, name):
+    """The printed row of ``name``: ``(score err, zero err, mode weights (3,), max dev)``; ``None`` for a '-'."""
+    for line in stdout.splitlines():
+        words = line.split()
+        if line.startswith(name + " "):
+            value = lambda w: None if w == "-" else float(w)  # noqa: E731
+            return value(words[-7]), value(words[-6]), [float(w) for w in words[-4:-1]], float(words[-1])
+    raise AssertionError(f"no row {name!r} in:\n{stdout}")
+
+
+def test_train_toy_quick_dsm(tmp_path):
+    """500 DSM steps (eps, simple): measured score error 0.017 against the zero score's 0.82 (1500 steps: 0.0023);
+    the mode weights are off by up to 0.045 (exact draws of the same size: 0.022)."""
+    out, stdout = run_train_toy("dsm-eps", tmp_path)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
+    err, base, weights, dev = train_toy_row(stdout, "dsm-eps")
+    assert 0.7 < base < 0.95 and 0 < err < base / 10, (err, base)
+    assert abs(sum(weights) - 1) < 0.01 and dev < 0.15, (weights, dev)
+    assert train_toy_row(stdout, "exact draws")[3] < 0.05
+
+
+def test_train_toy_quick_consistency_training(tmp_path):
+    """500 CT steps: no score, so the row shows '-' and the one-step map is checked instead: measured error 0.017 and
+    0.22 at t = 0.5 and 2, against 0.097 and 2.13 for the identity map; two-step samples' weights off by 0.033."""
+    out, stdout = run_train_toy("ct", tmp_path)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 50_000
+    err, base, weights, dev = train_toy_row(stdout, "ct")
+    assert err is None and base is None and dev < 0.15, (weights, dev)
+    maps = stdout.split("identity map f = x):")[1].split("\n")[0]  # "t = 0.5: e (b), t = 2: e (b)"
+    pairs = [(float(part.split(":")[1].split()[0]), float(part.split("(")[1].rstrip(")"))) for part in maps.split(",")]
+    assert len(pairs) == 2 and all(0 < e < b / 3 for e, b in pairs), pairs
