@@ -125,13 +125,47 @@ def lagrange_weights(nodes: list[float], moments: list[float]) -> list[float]:
     return weights
 
 
-def grid_table(sde, ts: torch.Tensor):
-    """``(alpha, sigma, h)`` of the grid as lists of Python floats (float64), read once per solve.
+def gauss_legendre(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights of ``n``-point Gauss–Legendre quadrature on ``[-1, 1]`` (Golub–Welsch), float64."""
+    k = torch.arange(1, n, dtype=torch.float64)
+    off = k / torch.sqrt(4.0 * k**2 - 1.0)
+    nodes, vectors = torch.linalg.eigh(torch.diag(off, 1) + torch.diag(off, -1))
+    return nodes, 2.0 * vectors[0] ** 2
 
-    ``alpha``, ``sigma`` at each time; ``h[i] = lambda_(i+1) - lambda_i`` with ``lambda = log(alpha / sigma)``.
+
+_GAUSS_NODES, _GAUSS_WEIGHTS = gauss_legendre(24)
+
+
+def exp_weights(h: float, nodes: list[float], lam0: float = 0.0, variable=None) -> list[float]:
+    """``w_j = int_0^h e^(u - h) L_j du``: the exponential-integrator weights of values at ``nodes`` (lambda offsets).
+
+    ``L_j`` is the Lagrange basis on ``nodes`` in ``lambda`` itself (``variable=None``: closed-form
+    moments), or in ``v = variable(lambda)`` (a map of float64 tensors, ``lambda = lam0 + u``), so
+    the history is interpolated as a polynomial in another time, e.g. ``t`` (DEIS's "tAB");
+    the integral is then taken by 24-point Gauss–Legendre quadrature, ample for a smooth ``v``.
+    """
+    if variable is None:
+        return lagrange_weights(nodes, exp_moments(h, len(nodes)))
+    u = 0.5 * h * (_GAUSS_NODES + 1.0)
+    kernel = 0.5 * h * _GAUSS_WEIGHTS * torch.exp(u - h)
+    v, v_nodes = variable(lam0 + u), variable(lam0 + torch.tensor(nodes, dtype=torch.float64)).tolist()
+    weights = []
+    for j, vj in enumerate(v_nodes):
+        basis = torch.ones_like(v)
+        for k, vk in enumerate(v_nodes):
+            if k != j:
+                basis = basis * (v - vk) / (vj - vk)
+        weights.append(float((kernel * basis).sum()))
+    return weights
+
+
+def grid_table(sde, ts: torch.Tensor):
+    """``(alpha, sigma, h, lambda)`` of the grid as lists of Python floats (float64), read once per solve.
+
+    ``alpha``, ``sigma``, ``lambda = log(alpha / sigma)`` at each time; ``h[i] = lambda_(i+1) - lambda_i``.
     """
     t64 = ts.detach().to(device="cpu", dtype=torch.float64)
     alpha, sigma = sde._alpha_sigma(t64)
     lam = 0.5 * sde._log_snr(t64)
-    return alpha.tolist(), sigma.tolist(), (lam[1:] - lam[:-1]).tolist()
+    return alpha.tolist(), sigma.tolist(), (lam[1:] - lam[:-1]).tolist(), lam.tolist()
 

@@ -23,9 +23,10 @@ import math
 import torch
 
 from .base import MultistepSolver, ODESolver, SDESolver, register_solver
-from .exponential import exp_moments, grid_table, lagrange_weights, poly_moments
+from .exponential import exp_weights, grid_table, lagrange_weights, poly_moments
 
 LOWER_ORDER_FINAL_BELOW = 15
+INTERPOLATIONS = ("lambda", "t")
 
 
 def _combine(a: float, x: torch.Tensor, weights, values) -> torch.Tensor:
@@ -63,20 +64,29 @@ class _Multistep(MultistepSolver):
 
 
 class _ExponentialMultistep(_Multistep, ODESolver):
-    """Data-prediction exponential multistep; subclasses give the weights of ``x0_i, x0_(i-1), ...``."""
+    """Data-prediction exponential multistep; subclasses give the weights of ``x0_i, x0_(i-1), ...``.
+
+    ``interpolation``: the variable in which the ``x0`` history is a polynomial: ``"lambda"``, or
+    ``"t"`` (the SDE's own time, as DEIS's tAB), where the weights come by quadrature.
+    """
 
     extra_history = 0  # entries kept beyond the predictor's max_order
+    interpolation = "lambda"
 
-    def weights(self, h: float, previous: list[float], order: int) -> list[float]:
-        """Weights of ``x0`` at ``lambda_i, lambda_i - previous[0], ...`` in ``int_0^h e^(u-h) x0 du``."""
+    def variable(self, sde):
+        """``None`` (a polynomial in ``lambda``) or the map ``lambda -> t`` of the interpolation variable."""
+        return None if self.interpolation == "lambda" else (lambda lam: sde._t_from_log_snr(2.0 * lam))
+
+    def weights(self, h: float, previous: list[float], order: int, lam: float = 0.0, variable=None) -> list[float]:
+        """Weights of ``x0`` at ``lambda_i, lambda_i - previous[0], ...`` in ``int_0^h e^(u-h) x0 du`` (``lambda_i = lam``)."""
         if order == 1:
             return [-math.expm1(-h)]  # also for h = inf
         nodes = [0.0]
         for hp in previous[: order - 1]:
             nodes.append(nodes[-1] - hp)
-        return lagrange_weights(nodes, exp_moments(h, order))
+        return exp_weights(h, nodes, lam, variable)
 
-    def coefficients(self, alpha, sigma, hs):
+    def coefficients(self, alpha, sigma, hs, lams, variable=None):
         """Per step: ``(sigma_(i+1)/sigma_i, weights of the history, sigma_i^2)``.
 
         The history holds ``alpha_j x0_j = x_j + sigma_j^2 score_j`` (one fused operation per
@@ -84,13 +94,14 @@ class _ExponentialMultistep(_Multistep, ODESolver):
         """
         coeffs = []
         for i, order in enumerate(self.step_orders(len(hs), hs)):
-            w = self.weights(hs[i], hs[:i][::-1], order)
+            w = self.weights(hs[i], hs[:i][::-1], order, lams[i], variable)
             b = [alpha[i + 1] * wk / alpha[i - k] for k, wk in enumerate(w)]
             coeffs.append((sigma[i + 1] / sigma[i], b, sigma[i] ** 2))
         return coeffs
 
     def init(self, term, x, ts):
-        return 0, (), self.coefficients(*grid_table(term.process.sde, ts))
+        sde = term.process.sde
+        return 0, (), self.coefficients(*grid_table(sde, ts), self.variable(sde))
 
     @staticmethod
     def scaled_x0(term, x, t, sig2):
@@ -114,7 +125,7 @@ class DPMSolverPP2M(_ExponentialMultistep):
 
     name, order, max_order = "dpmpp_2m", 2, 2
 
-    def weights(self, h, previous, order):
+    def weights(self, h, previous, order, lam=0.0, variable=None):
         return _dpmpp_2m_weights(h, previous, order)
 
 
@@ -157,17 +168,21 @@ class UniPC(_ExponentialMultistep):
     name, order, max_order = "unipc", 3, 2  # the name carries the predictor order: "unipc" (2), "unipc_3"
     extra_history = 1  # the corrector's extra node
 
-    def __init__(self, predictor_order: int = 2, lower_order_final: bool = True):
+    def __init__(self, predictor_order: int = 2, lower_order_final: bool = True, interpolation: str = "lambda"):
         super().__init__(lower_order_final)
-        if predictor_order not in (1, 2, 3):
-            raise ValueError(f"predictor_order must be 1, 2 or 3, got {predictor_order!r}")
-        self.max_order, self.order = predictor_order, predictor_order + 1
-        self.name = "unipc" if predictor_order == 2 else f"unipc_{predictor_order}"
+        if predictor_order not in (1, 2, 3, 4):
+            raise ValueError(f"predictor_order must be 1, 2, 3 or 4, got {predictor_order!r}")
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        self.max_order, self.order, self.interpolation = predictor_order, predictor_order + 1, interpolation
+        self.name = "unipc" + ("" if predictor_order == 2 else f"_{predictor_order}")
+        if interpolation == "t":
+            self.name, self.default_grid = self.name + "_t", "quadratic"
 
-    def weights(self, h, previous, order):
+    def weights(self, h, previous, order, lam=0.0, variable=None):
         if order == 2:
             return _dpmpp_2m_weights(h, previous, order)
-        return super().weights(h, previous, order)
+        return super().weights(h, previous, order, lam, variable)
 
     def init(self, term, x, ts):
         """Fold each correction into the next prediction: one combination per step.
@@ -177,8 +192,10 @@ class UniPC(_ExponentialMultistep):
         weights, the common ``(sigma_i / sigma_(i-1)) x_(i-1)`` cancelling), so
         ``x_(i+1) = a_i x_i + sum_k (a_i d_k + b_k) H_k`` from the predicted ``x_i``.
         """
-        alpha, sigma, hs = grid_table(term.process.sde, ts)
-        coeffs, fused = self.coefficients(alpha, sigma, hs), []
+        sde = term.process.sde
+        alpha, sigma, hs, lams = grid_table(sde, ts)
+        variable = self.variable(sde)
+        coeffs, fused = self.coefficients(alpha, sigma, hs, lams, variable), []
         for i, order in enumerate(self.step_orders(len(hs), hs)):
             a, b, sig2 = coeffs[i]
             if i > 0 and not math.isinf(hs[i - 1]):
@@ -186,7 +203,7 @@ class UniPC(_ExponentialMultistep):
                 nodes = [hs[i - 1], 0.0]
                 for hp in hs[: i - 1][::-1][: prev_order - 1]:
                     nodes.append(nodes[-1] - hp)
-                w = lagrange_weights(nodes, exp_moments(hs[i - 1], prev_order + 1))  # at lambda_i, lambda_(i-1), ...
+                w = exp_weights(hs[i - 1], nodes, lams[i - 1], variable)  # at lambda_i, lambda_(i-1), ...
                 d = [alpha[i] * wk / alpha[i - k] for k, wk in enumerate(w)]
                 for k, bk in enumerate(coeffs[i - 1][1]):
                     d[k + 1] -= bk
@@ -196,6 +213,7 @@ class UniPC(_ExponentialMultistep):
 
 
 register_solver(UniPC(3))
+register_solver(UniPC(4, interpolation="t"))
 
 
 @register_solver
@@ -219,7 +237,7 @@ class LMS(_Multistep, ODESolver):
         self.order = self.max_order = order
 
     def init(self, term, x, ts):
-        alpha, sigma, _ = grid_table(term.process.sde, ts)
+        alpha, sigma, _, _ = grid_table(term.process.sde, ts)
         rho = [sg / a for sg, a in zip(sigma, alpha)]
         coeffs = []
         for i, order in enumerate(self.step_orders(len(ts) - 1)):
@@ -256,7 +274,7 @@ class SDEDPMSolverPP2M(_Multistep, SDESolver):
                              f"got {term.process.stochasticity}")
 
     def init(self, term, x, ts):
-        alpha, sigma, hs = grid_table(term.process.sde, ts)
+        alpha, sigma, hs, _ = grid_table(term.process.sde, ts)
         t = ts.detach().to(device="cpu", dtype=torch.float64).tolist()
         coeffs = []
         for i, order in enumerate(self.step_orders(len(hs), hs)):
