@@ -103,9 +103,11 @@ def from_diffusers(unet, scheduler):
     """``(score_fn, sde)`` for a diffusers ``UNet2DModel`` (or any ``unet(x, n).sample``) and its scheduler.
 
     ``sde = VPSDE.from_alphas_cumprod(scheduler.alphas_cumprod)`` and the prediction type comes
-    from ``scheduler.config.prediction_type``; a learned-variance output (``2C`` channels) keeps
-    its first ``C``. Timesteps are integers, as diffusers' schedulers use them. Extra arguments of
-    ``score_fn(x, t, ...)`` go to the unet (e.g. ``class_labels=y``).
+    from ``scheduler.config.prediction_type``. Timesteps are integers, as diffusers' schedulers use
+    them. Extra arguments of ``score_fn(x, t, ...)`` go to the unet (e.g. ``class_labels=y``).
+    With ``variance_type="learned_range"`` (improved DDPM; ``2C`` output channels) the score_fn is
+    a :class:`LearnedVariance`, which :func:`sdediff.sample_ddpm` samples with its learned
+    variance; any other ``2C``-channel output keeps its first ``C``.
     """
     from .sdes import VPSDE
 
@@ -116,6 +118,8 @@ def from_diffusers(unet, scheduler):
     if prediction is None:
         raise ValueError(f"prediction_type {config.prediction_type!r} is not one of {tuple(_DIFFUSERS_PREDICTIONS)}")
     sde = VPSDE.from_alphas_cumprod(scheduler.alphas_cumprod.detach().to(torch.float64))
+    if getattr(config, "variance_type", None) == "learned_range":
+        return LearnedVariance(lambda x, n, *cond, **cond_kw: unet(x, n, *cond, **cond_kw).sample, sde, prediction), sde
 
     def model(x, n, *cond, **cond_kw):
         out = unet(x, n, *cond, **cond_kw).sample

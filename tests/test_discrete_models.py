@@ -12,7 +12,8 @@ the mixture's exact score at the knot times, to float64 round-off.
 import pytest
 import torch
 
-from sdediff import VESDE, VPSDE, GaussianMixture, discrete_score_fn, from_diffusers, sample_ddpm
+from sdediff import (VESDE, VPSDE, GaussianMixture, LearnedVariance, discrete_score_fn, from_diffusers,
+                     sample_ddpm)
 
 from mixture_checks import mixture_eps_x0
 
@@ -238,6 +239,17 @@ def test_from_diffusers_learned_variance_keeps_first_channels():
     expected = -out[:, :C] / sigma
     torch.testing.assert_close(score, expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item())
     assert (out[:, C:] - out[:, :C]).abs().max() > 1e-2  # the other half would give another score
+    # learned_range is improved DDPM's interpolation: the score_fn carries it for sample_ddpm
+    assert isinstance(score_fn, LearnedVariance)
+    with torch.no_grad():
+        frac = score_fn.interpolation(x, t)
+    torch.testing.assert_close(frac, (out[:, C:].double() + 1.0) / 2.0, rtol=0.0, atol=1e-12)
+    other, _ = from_diffusers(unet, _scheduler(variance_type="fixed_small"))
+    assert not isinstance(other, LearnedVariance)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x, t), expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item())
+        sample = sample_ddpm(score_fn, sde, x, steps=4, generator=torch.Generator().manual_seed(0)).x
+    assert sample.shape == x.shape and bool(torch.isfinite(sample).all())
 
 
 def test_from_diffusers_rejects_unknown_prediction_type():
