@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import time
 from collections import deque
@@ -62,6 +61,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import sdediff  # noqa: E402
+from sdediff import TimeMLP  # noqa: E402
 
 MIXTURE = sdediff.GaussianMixture([0.2, 0.3, 0.5], [[-1.5, -1.0], [1.5, -1.0], [0.0, 1.2]], [0.25, 0.3, 0.2])
 VP = sdediff.VPSDE()
@@ -85,47 +85,15 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class MLP(torch.nn.Module):
-    """``net(x, t)``, ``x: (batch, 2)``, ``t: (batch,)`` in ``[0, 1]``: sinusoidal time features, 3 hidden layers."""
-
-    def __init__(self, out: int = 2, width: int = 128, freqs: int = 4):
-        super().__init__()
-        self.register_buffer("k", torch.arange(1, freqs + 1) * math.pi)
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(3 + 2 * freqs, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, out))
-
-    def forward(self, x, t):
-        t = t.to(x.dtype).reshape(-1, 1)
-        return self.body(torch.cat([x, t, torch.sin(self.k * t), torch.cos(self.k * t)], 1))
-
-
-class DiscreteMLP(MLP):
+class DiscreteMLP(TimeMLP):
     """``net(x, n)`` on integer timesteps ``n = 0 .. N-1`` (time feature ``(n + 1) / N``), as iDDPM's networks."""
 
     def __init__(self, num_timesteps: int, out: int):
-        super().__init__(out=out)
+        super().__init__(2, out)
         self.num_timesteps = num_timesteps
 
     def forward(self, x, n):
         return super().forward(x, (n.to(x.dtype) + 1.0) / self.num_timesteps)
-
-
-class ConsistencyNet(torch.nn.Module):
-    """``F(x, t)`` on EDM's times ``t in [0.002, 80]``: input scaled by ``1 / sqrt(sigma_data^2 + t^2)``, log-time
-    features."""
-
-    def __init__(self, width: int = 128):
-        super().__init__()
-        self.register_buffer("k", torch.arange(1, 5) * 1.0)
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(11, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, 2))
-
-    def forward(self, x, t):
-        c = (torch.log(t) / 4).reshape(-1, 1).to(x.dtype)
-        scaled = x / torch.sqrt(0.25 + t.reshape(-1, 1).to(x.dtype) ** 2)
-        return self.body(torch.cat([scaled, c, torch.sin(self.k * c), torch.cos(self.k * c)], 1))
 
 
 @dataclass
@@ -148,7 +116,7 @@ def sigma_of(sde, t):
 
 
 def dsm_recipe(device, parameterization, weighting, importance_sampling=False, scale_by_sigma=False):
-    net = MLP().to(device)
+    net = TimeMLP().to(device)
     # score_sde's scale_by_sigma: a score network net(x, t) / sigma(t) is well scaled at every t
     model = (lambda x, t: net(x, t) / sigma_of(VP, t)) if scale_by_sigma else net
     options = dict(parameterization=parameterization, weighting=weighting)
@@ -169,7 +137,7 @@ def ode_sampler(score_fn):
 
 
 def ssm_recipe(device):
-    net = MLP().to(device)  # predicts eps: score = -net / sigma
+    net = TimeMLP().to(device)  # predicts eps: score = -net / sigma
 
     def loss(x0, g):
         t = 0.01 + 0.99 * torch.rand(x0.shape[0], generator=g, device=x0.device)
@@ -204,7 +172,8 @@ def hybrid_recipe(device, cpu_generator):
 
 
 def consistency_recipe(device, distill):
-    f = sdediff.ConsistencyFunction(ConsistencyNet()).to(device)
+    # EDM's times in [0.002, 80]: log-time features, input scaled by 1 / sqrt(sigma_data^2 + t^2)
+    f = sdediff.ConsistencyFunction(TimeMLP(log_time=True, sigma_data=0.5)).to(device)
     f_ema = copy.deepcopy(f)
     teacher = MIXTURE.score_fn(EDM)
 

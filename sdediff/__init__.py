@@ -20,6 +20,7 @@ from .integrate import NonFiniteError, Solution, integrate
 from .likelihood import Evaluation, Likelihood, bits_per_dim, decode, encode, evaluate, log_likelihood
 from .losses import LossHistorySampler, dsm_loss, ssm_loss
 from .models import LearnedVariance, as_score_fn, discrete_score_fn, from_diffusers, score_from_eps, score_from_v, score_from_x0
+from .nets import TimeMLP
 from .reverse import ReverseProcess
 from .sampling import sample_ode, sample_sde
 from .schedules import CosineSchedule, DiscreteSchedule, LinearSchedule, Schedule
@@ -42,5 +43,5 @@ __all__ = [
     "Evaluation", "classifier_guidance", "classifier_free_guidance", "drop_condition", "sample_inpaint", "LearnedVariance", "dsm_loss", "ssm_loss", "LossHistorySampler", "hybrid_loss",
     "variational_bound", "normal_kl", "discretized_gaussian_log_likelihood", "ConsistencyFunction",
     "consistency_training_loss", "consistency_distillation_loss", "sample_consistency", "karras_boundaries",
-    "ema_update", "progressive_distillation_target", "progressive_distillation_loss", "snr_weight",
+    "ema_update", "progressive_distillation_target", "progressive_distillation_loss", "snr_weight", "TimeMLP",
 ]

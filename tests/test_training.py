@@ -16,25 +16,11 @@ import pytest
 import torch
 
 import sdediff as sd
+from sdediff import TimeMLP
 
 GM = sd.GaussianMixture([0.2, 0.3, 0.5], [[-1.5, -1.0], [1.5, -1.0], [0.0, 1.2]], [0.25, 0.3, 0.2])
 STEPS, BATCH = 1500, 512
 BASELINE = 0.82
-
-
-class MLP(torch.nn.Module):
-    """``net(x, t)`` for ``x: (batch, 2)`` and ``t: (batch,)`` in ``[0, 1]``."""
-
-    def __init__(self, out: int = 2, width: int = 128, freqs: int = 4):
-        super().__init__()
-        self.register_buffer("k", torch.arange(1, freqs + 1) * math.pi)
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(3 + 2 * freqs, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, out))
-
-    def forward(self, x, t):
-        t = t.to(x.dtype).reshape(-1, 1)
-        return self.body(torch.cat([x, t, torch.sin(self.k * t), torch.cos(self.k * t)], 1))
 
 
 def train(loss_fn, net, steps=STEPS, lr=3e-3, seed=0):
@@ -97,7 +83,7 @@ DSM_CASES = {
 @pytest.mark.parametrize("case", list(DSM_CASES))
 def test_denoising_score_matching_learns_the_score(case):
     options, prediction, wrap = DSM_CASES[case]
-    net = train(lambda net, x0, g: sd.dsm_loss(wrap(net), VP, x0, t_min=1e-3, generator=g, **options), MLP())
+    net = train(lambda net, x0, g: sd.dsm_loss(wrap(net), VP, x0, t_min=1e-3, generator=g, **options), TimeMLP())
     assert_trained(sd.as_score_fn(wrap(net), VP, prediction), VP, max_error=0.004)
 
 
@@ -110,7 +96,7 @@ def test_sliced_score_matching_learns_the_score():
         xt = VP.perturb(x0, t, torch.randn(x0.shape, generator=g))
         return sigma[:, 0] ** 2 * sd.ssm_loss(lambda x: -net(x, t) / sigma, xt, variance_reduction=True, generator=g)
 
-    net = train(loss, MLP(), steps=2500)
+    net = train(loss, TimeMLP(), steps=2500)
     assert_trained(sd.as_score_fn(net, VP, "eps"), VP, max_error=0.008)
 
 
@@ -120,7 +106,7 @@ def test_improved_ddpm_hybrid_loss_with_importance_sampling_and_learned_variance
     sde = sd.VPSDE.from_betas(sd.CosineSchedule().discrete_betas(N))
     sampler = sd.LossHistorySampler(N)
 
-    class Discrete(MLP):
+    class Discrete(TimeMLP):
         def forward(self, x, n):
             return super().forward(x, (n.to(x.dtype) + 1.0) / N)
 
@@ -130,7 +116,7 @@ def test_improved_ddpm_hybrid_loss_with_importance_sampling_and_learned_variance
         sampler.update(n, out.loss)
         return out.loss * weights.to(out.loss.dtype)
 
-    net = train(loss, Discrete(out=4))
+    net = train(loss, Discrete(2, 4))
     assert sampler.warmed_up
     model = sd.LearnedVariance(net, sde)
     with torch.no_grad():
@@ -139,22 +125,6 @@ def test_improved_ddpm_hybrid_loss_with_importance_sampling_and_learned_variance
     # Measured error 0.0024; the variance output stays inside [beta~, beta] (frac 0.5-0.9).
     assert_trained(model, sde, max_error=0.006, samples=samples)
     assert bool(((frac > -0.1) & (frac < 1.1)).all())
-
-
-class ConsistencyNet(torch.nn.Module):
-    """``F(x, t)`` on EDM's times ``t in [0.002, 80]``: input scaled by ``1 / sqrt(sigma_data^2 + t^2)``, log-time features."""
-
-    def __init__(self, width: int = 128):
-        super().__init__()
-        self.register_buffer("k", torch.arange(1, 5) * 1.0)
-        self.body = torch.nn.Sequential(
-            torch.nn.Linear(11, width), torch.nn.SiLU(), torch.nn.Linear(width, width), torch.nn.SiLU(),
-            torch.nn.Linear(width, width), torch.nn.SiLU(), torch.nn.Linear(width, 2))
-
-    def forward(self, x, t):
-        c = (torch.log(t) / 4).reshape(-1, 1).to(x.dtype)
-        scaled = x / torch.sqrt(0.25 + t.reshape(-1, 1).to(x.dtype) ** 2)
-        return self.body(torch.cat([scaled, c, torch.sin(self.k * c), torch.cos(self.k * c)], 1))
 
 
 @pytest.mark.parametrize("objective", ["distillation", "training"])
@@ -170,7 +140,7 @@ def test_consistency_models_sample_the_mixture_in_one_or_two_steps(objective):
                                      ema_update, sample_consistency)
 
     edm = sd.EDMSDE()
-    f = ConsistencyFunction(ConsistencyNet())
+    f = ConsistencyFunction(TimeMLP(2, log_time=True, sigma_data=0.5))
     f_ema = copy.deepcopy(f)
 
     def loss(net, x0, g):
@@ -200,7 +170,7 @@ def test_progressive_distillation_halves_the_steps():
     """
     N = 4
     student = train(lambda net, x0, g: sd.progressive_distillation_loss(net, GM.score_fn(VP), VP, x0, N=N,
-                                                                        prediction="v", generator=g), MLP())
+                                                                        prediction="v", generator=g), TimeMLP())
 
     def ddim(score_fn, steps):
         x = torch.randn(4000, 2, generator=torch.Generator().manual_seed(2))
@@ -226,9 +196,9 @@ def test_classifier_free_training_with_condition_dropout():
     labelled = sd.GaussianMixture(GM.weights, GM.means, GM.stds, labels=[0, 0, 1])
     null = 2
 
-    class Conditional(MLP):
+    class Conditional(TimeMLP):
         def __init__(self):
-            super().__init__()
+            super().__init__(2)
             self.embed = torch.nn.Embedding(3, 8)
             first = self.body[0]
             self.body[0] = torch.nn.Linear(first.in_features + 8, first.out_features)
