@@ -661,3 +661,25 @@ def test_available_solvers_lists_the_new_solvers():
     with pytest.raises(TypeError, match="reverse process"):  # they need term.process
         sd.integrate(sd.ODETerm(lambda x, t: -x), torch.zeros(2, 2, dtype=F64),
                      torch.tensor([1.0, 0.5], dtype=F64), solver="dpmpp_2m")
+
+
+def test_multistep_coefficients_are_memoized_per_settings_sde_and_grid():
+    """Coefficients are computed once per (solver settings, SDE, grid); a change to any of the three recomputes."""
+    sde, x = SDES["vp"], torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+    term = sd.ReverseProcess(sde, MIX.score_fn(sde), 0.0).ode_term()
+    ts = sd.time_grid(sde, 10, grid="log_snr")
+    solver = UniPC(3)
+    first = solver.init(term, x, ts)[2]
+    assert solver.init(term, x, ts)[2] is first  # the same grid: reused
+    assert solver.init(term, x, ts.clone())[2] is first  # equal values, another tensor: reused
+    assert solver.build_coefficients(sde, ts) == first  # and equal to a fresh computation
+    assert UniPC(3, lower_order_final=False).init(term, x, ts)[2] != first
+    assert solver.init(term, x, sd.time_grid(sde, 10, grid="quadratic"))[2] != first
+    other = sd.ReverseProcess(sd.VPSDE(schedule="cosine"), MIX.score_fn(sde), 0.0).ode_term()
+    assert solver.init(other, x, ts)[2] != first
+    try:  # the class attribute read by step_orders is part of the key
+        UniPC.lower_order_final_below = 5
+        assert solver.init(term, x, ts)[2] != first
+    finally:
+        UniPC.lower_order_final_below = LOWER_ORDER_FINAL_BELOW
+    assert solver.init(term, x, ts)[2] == first
