@@ -22,12 +22,7 @@ import torch
 
 from . import _checks
 from ._tensors import moved
-from .sdes import SDE
-
-
-def _check_sde(sde):
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+from .sdes import SDE, check_sde
 
 
 class GaussianMixture:
@@ -147,7 +142,7 @@ class GaussianMixture:
 
     def score_fn(self, sde: SDE):
         """The exact ``score_fn(x, t)`` of the mixture diffused by ``sde`` (``t: (batch,)``, unvalidated)."""
-        _check_sde(sde)
+        check_sde(sde)
 
         def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             return self._score(x, *sde._alpha_sigma(t))
@@ -187,7 +182,7 @@ class GaussianMixture:
 
     def classifier(self, sde: SDE):
         """The exact noisy classifier ``classifier_log_prob(x, t, y) = log p_t(y | x)``, shape ``(batch,)``."""
-        _check_sde(sde)
+        check_sde(sde)
 
         def classifier_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             log_comp, _ = self._component_terms(x, *sde._alpha_sigma(t))
@@ -202,7 +197,7 @@ class GaussianMixture:
         A negative label is the null condition: it gives the unconditional score, as a network
         trained with condition dropout would (see :func:`sdediff.drop_condition`).
         """
-        _check_sde(sde)
+        check_sde(sde)
 
         def score_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             log_comp, pull = self._component_terms(x, *sde._alpha_sigma(t))

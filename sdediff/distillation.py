@@ -24,7 +24,7 @@ import torch
 from . import _checks
 from .models import PREDICTIONS, _to_score
 from .reverse import ReverseProcess
-from .sdes import SDE, bcast
+from .sdes import SDE, bcast, check_sde
 from .solvers.base import get_solver
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one", "snr", "constant")
@@ -44,8 +44,7 @@ def snr_weight(sde: SDE, t, weighting: str = "truncated_snr") -> torch.Tensor:
     ``"truncated_snr"``: ``max(SNR, 1)`` (the paper's choice); ``"snr_plus_one"``: ``SNR + 1`` (the
     v-prediction MSE); ``"snr"``: ``SNR`` (the eps-prediction MSE); ``"constant"``: 1 (the x0 MSE).
     """
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    check_sde(sde)
     if weighting not in WEIGHTINGS:
         raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     t = sde._time(t)
@@ -75,8 +74,7 @@ def progressive_distillation_target(teacher_score_fn, sde: SDE, x_t: torch.Tenso
     times). Computed under ``no_grad``. Returns a :class:`DistillationTarget`.
     """
     _checks.callable_("teacher_score_fn", teacher_score_fn)
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    check_sde(sde)
     x_t = _checks.batched("x_t", x_t)
     t, s = _times(sde, x_t, t, s)
     term = ReverseProcess(sde, teacher_score_fn, 0.0).ode_term()
@@ -108,8 +106,7 @@ def progressive_distillation_loss(student, teacher_score_fn, sde: SDE, x0: torch
     """
     _checks.callable_("student", student)
     _checks.callable_("teacher_score_fn", teacher_score_fn)
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    check_sde(sde)
     x0 = _checks.batched("x0", x0)
     N = _checks.positive_int("N", N)
     if prediction not in PREDICTIONS:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from .sdes import SDE
+from .sdes import SDE, check_sde
 
 GRIDS = ("uniform", "log_snr", "karras", "quadratic")
 SPACINGS = ("uniform", "leading", "trailing", "linspace", "quadratic")
@@ -29,8 +29,7 @@ def time_grid(sde: SDE, steps: int, *, grid="uniform", t_start: float | None = N
 
     Computed in float64 and cast to ``dtype``; the end points are exact.
     """
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    check_sde(sde)
     if isinstance(grid, torch.Tensor):
         return _user_grid(sde, grid, steps).to(dtype=dtype, device=device)
     steps = _checks.positive_int("steps", steps)
@@ -89,8 +88,7 @@ def discrete_time_grid(sde: SDE, steps: int, *, spacing: str = "uniform", num_tr
     * ``"linspace"`` (diffusers): ``round(linspace(0, N - 1, steps))``;
     * ``"quadratic"`` (DDIM paper): ``floor(linspace(0, sqrt(0.8 N), steps)^2)``.
     """
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    check_sde(sde)
     N = sde.discrete_steps
     if N is None:
         N = DEFAULT_TRAIN_TIMESTEPS if num_train_timesteps is None else num_train_timesteps

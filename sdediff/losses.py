@@ -22,7 +22,7 @@ import torch
 
 from . import _checks
 from .models import PREDICTIONS, _to_score
-from .sdes import SDE, bcast
+from .sdes import SDE, bcast, check_sde
 
 WEIGHTINGS = ("simple", "sigma2", "likelihood")
 PROBES = ("rademacher", "gaussian")
@@ -71,8 +71,7 @@ def dsm_loss(model, sde: SDE, x0: torch.Tensor, *, parameterization: str = "scor
     ``eps = randn(x0.shape)``.
     """
     _checks.callable_("model", model)
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    check_sde(sde)
     x0 = _checks.batched("x0", x0)
     if parameterization not in PREDICTIONS:
         raise ValueError(f"parameterization must be one of {PREDICTIONS}, got {parameterization!r}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
-from .sdes import SDE, bcast
+from .sdes import SDE, bcast, check_sde
 
 PREDICTIONS = ("score", "eps", "x0", "v")
 _DIFFUSERS_PREDICTIONS = {"epsilon": "eps", "sample": "x0", "v_prediction": "v"}
@@ -38,8 +38,7 @@ def _to_score(out: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, sigma: to
 
 def _check(model, sde, prediction):
     _checks.callable_("model", model)
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+    check_sde(sde)
     if prediction not in PREDICTIONS:
         raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
 

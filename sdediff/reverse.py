@@ -15,7 +15,7 @@ import torch
 import copy
 
 from . import _checks
-from .sdes import SDE, bcast
+from .sdes import SDE, bcast, check_sde
 from .terms import ODETerm, SDETerm
 
 
@@ -37,8 +37,7 @@ class ReverseProcess:
     noise_type = "diagonal"
 
     def __init__(self, sde: SDE, score_fn, stochasticity: float = 1.0, *, event_shape=None, sde_type: str = "ito"):
-        if not isinstance(sde, SDE):
-            raise TypeError(f"sde must be an sdediff SDE, got {type(sde).__name__}")
+        check_sde(sde)
         self.sde = sde
         self.score_fn = _checks.callable_("score_fn", score_fn)
         self.stochasticity = _checks.real("stochasticity", stochasticity, low=0.0)

@@ -9,7 +9,7 @@ from .grids import time_grid
 from ._tensors import checksum
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
-from .sdes import SDE
+from .sdes import SDE, check_sde
 from .solvers.base import get_solver
 
 DEFAULT_ODE_SOLVER = "unipc"
@@ -41,8 +41,7 @@ class _ScoreMonitor:
 
 def _start(score_fn, sde, x, generator, device, dtype):
     """Validate the common inputs; draw ``x`` from the prior when it is a shape."""
-    if not isinstance(sde, SDE):
-        raise TypeError(f"sde must be an sdediff SDE (VPSDE, SubVPSDE, VESDE, ...), got {type(sde).__name__}")
+    check_sde(sde)
     _checks.callable_("score_fn", score_fn)
     if isinstance(x, (tuple, list, torch.Size)):
         x = sde.prior_sample(tuple(x), generator=generator, device=device, dtype=dtype)

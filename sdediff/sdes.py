@@ -26,6 +26,13 @@ def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
+def check_sde(sde) -> "SDE":
+    """``sde`` itself if it is an sdediff SDE; else a ``TypeError`` naming the argument (one check for every entry point)."""
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde must be an sdediff SDE (VPSDE, SubVPSDE, VESDE, EDMSDE, ...), got {type(sde).__name__}")
+    return sde
+
+
 class SDE:
     """A forward SDE on ``[0, T]`` with drift ``f(t) x``, diffusion ``g(t)`` and prior ``N(0, prior_std^2 I)``."""
 
