@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
+from .models import _to_score
 from .sdes import SDE, VPSDE, bcast
 
 VARIANCES = ("learned", "beta", "posterior")
@@ -165,7 +166,7 @@ def _check_options(sde, variance, prediction):
 def _term(c: Posterior, pred, v_var, x0, x_n, n, variance, prediction, clip_x0, bins, low, high):
     """``L_n`` in bits/dim ``(batch,)``: the KL for ``n >= 1``, the decoder NLL where ``n == 0``."""
     a, s = _take(c.sqrt_alphas_cumprod, n, x0), _take(c.sqrt_one_minus_alphas_cumprod, n, x0)
-    x0_hat = (x_n - s * pred) / a if prediction == "eps" else pred if prediction == "x0" else a * x_n - s * pred
+    x0_hat = (x_n + s**2 * _to_score(pred, x_n, a, s, prediction)) / a  # Tweedie, from any output
     if clip_x0 is not None:
         x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
     mean = _take(c.mean_coef_x0, n, x0) * x0_hat + _take(c.mean_coef_xn, n, x0) * x_n
