@@ -9,7 +9,10 @@ sampler makes 50 steps, i.e. ``50 x evaluations per step`` model calls.
 The baseline ("bare loop") is ``for c in cs: out = model(x, c)`` with the same number of calls.
 ``x`` is fixed (not updated), and the ``(batch,)`` time tensors ``cs`` are made before the clock
 starts. So the baseline is the model's cost alone. A second baseline, "bare Euler loop"
-(``x = x + h * model(x, c)``), adds the one update that any sampler has to make. What a sampler
+(``x = x + h * model(x, c)``), adds the one update that any sampler has to make. A third, "bare
+2-history multistep loop", makes the four tensor operations a DPM-Solver++(2M) / UniPC step needs
+at the least in eager PyTorch (the history entry ``x + sigma^2 score``, then ``a x + b0 H0 + b1 H1``):
+the floor of any eager implementation of those solvers. What a sampler
 costs beyond the bare loop is its overhead: time grid, coefficients, state updates, Python.
 
 The timed region covers everything a sampling call does given ``x_T``: sdediff's ``sample_ode``
@@ -114,6 +117,23 @@ def build_loops(args, model, x):
             return y
         return fn
 
+    def bare_multistep(calls):
+        # The least a two-history exponential multistep step (DPM-Solver++(2M), UniPC) must do in
+        # eager PyTorch: the history entry alpha x0 = x + sigma^2 score, then the combination
+        # a x + b0 H0 + b1 H1 (coefficients arbitrary but contracting, precomputed as floats).
+        cs = [torch.full((batch,), 1.0 - i / calls, device=device) for i in range(calls)]
+
+        def fn():
+            y, previous = x, x
+            for c in cs:
+                h = torch.add(y, model(y, c), alpha=-0.01)
+                y_next = torch.mul(y, 0.99)
+                y_next.add_(h, alpha=0.005)
+                y_next.add_(previous, alpha=-0.002)
+                y, previous = y_next, h
+            return y
+        return fn
+
     # sdediff
     default = inspect.signature(sdediff.sample_ode).parameters["solver"].default
     registered = {k: v for k, v in sdediff.available_solvers("ode").items() if not v.adaptive}
@@ -182,7 +202,8 @@ def build_loops(args, model, x):
     baselines = {}
     for calls in sorted({c for _, _, c, _ in loops}):
         baselines[calls] = (f"bare loop, {calls} calls", "baseline", calls, bare(calls))
-    extra = [(f"bare Euler loop, {steps} calls", "baseline", steps, bare_euler(steps))]
+    extra = [(f"bare Euler loop, {steps} calls", "baseline", steps, bare_euler(steps)),
+             (f"bare 2-history multistep loop, {steps} calls", "baseline", steps, bare_multistep(steps))]
     return list(baselines.values()) + extra + loops, {c: v[0] for c, v in baselines.items()}
 
 
