@@ -16,7 +16,7 @@ Methods, all in one process, on the same samples:
 
 * ``sdediff exact``: ``log_likelihood(..., divergence="exact")`` (adaptive dopri5, the full Jacobian
   trace by ``torch.func.vmap`` over vector-Jacobian products) at each ``--chunk-sizes`` value
-  (default 128, the library default and the headline, and 8). One warm-up run, then ``--repeats``
+  (default 16, the library default and the headline, then 8 and 128). One warm-up run, then ``--repeats``
   timed runs; best and median wall time.
 * ``baseline``: written here in the style of score_sde's likelihood code (not copied from it):
   ``scipy.integrate.solve_ivp(method="RK45", rtol, atol)`` on the flattened batch as a numpy state
@@ -130,8 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--probes", type=int, nargs="+", default=None, help="default 1 4 16 64 (1 4 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed sdediff runs (default 5; 2 with --quick)")
     p.add_argument("--baseline-repeats", type=int, default=None, help="timed baseline runs (default 2; 1 quick)")
-    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[128, 8],
-                   help="chunk_size values for sdediff exact (first = headline; default 128 8)")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 8, 128],
+                   help="chunk_size values for sdediff exact (first = headline; default 16 8 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/likelihood[_quick].json)")
     return p.parse_args(argv)
@@ -175,7 +175,7 @@ def main(argv=None):
                           "machine": platform.machine(), "cuda": torch.cuda.get_device_name() if
                           torch.device(device).type == "cuda" else None}}
 
-    # sdediff exact, at each chunk size (the first is the headline; 128 is the library default)
+    # sdediff exact, at each chunk size (the first is the headline; 16 is the library default)
     exact_rows = []
     for cs in args.chunk_sizes:
         run_exact = lambda: sdediff.log_likelihood(score_fn, sde, x, divergence="exact", t_start=t_start,  # noqa: E731
