@@ -16,7 +16,7 @@ Methods, all in one process, on the same samples:
 
 * ``sdediff exact``: ``log_likelihood(..., divergence="exact")`` (adaptive dopri5, the full Jacobian
   trace by ``torch.func.vmap`` over vector-Jacobian products) at each ``--chunk-sizes`` value
-  (default 16, the library default and the headline, then 8 and 128). One warm-up run, then ``--repeats``
+  (default 16, the library default and the headline, then 1 (a loop), 8 and 128). One warm-up run, then ``--repeats``
   timed runs; best and median wall time.
 * ``baseline``: written here in the style of score_sde's likelihood code (not copied from it):
   ``scipy.integrate.solve_ivp(method="RK45", rtol, atol)`` on the flattened batch as a numpy state
@@ -130,8 +130,8 @@ def parse_args(argv=None):
     p.add_argument("--probes", type=int, nargs="+", default=None, help="default 1 4 16 64 (1 4 with --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed sdediff runs (default 5; 2 with --quick)")
     p.add_argument("--baseline-repeats", type=int, default=None, help="timed baseline runs (default 2; 1 quick)")
-    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 8, 128],
-                   help="chunk_size values for sdediff exact (first = headline; default 16 8 128)")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 1, 8, 128],
+                   help="chunk_size values for sdediff exact (first = headline; default 16 1 8 128; 1 is a loop)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/likelihood[_quick].json)")
     return p.parse_args(argv)

@@ -10,7 +10,9 @@ integrated by the same loop and solvers as sampling (adaptive ``dopri5`` by defa
 
 * ``divergence="exact"``: the trace of the score's Jacobian, one vector-Jacobian product per
   coordinate, batched with ``torch.func.vmap`` over chunks of ``chunk_size`` coordinates
-  (cost ~ ``d / chunk_size`` batched backward passes per evaluation; memory ~ ``chunk_size``).
+  (cost ~ ``d / chunk_size`` batched backward passes per evaluation; memory ~ ``chunk_size``), or
+  looped one by one (``chunk_size=1``). Which is faster depends on the score and the batch
+  (docs/likelihood.md gives measurements).
 * ``divergence="hutchinson"``: ``eps^T J eps`` with ``probes`` fixed draws per sample
   (Rademacher or Gaussian), all in one batched product; unbiased, with a per-sample standard
   error over the probes.
@@ -57,7 +59,14 @@ def _divergence_field(sde: SDE, score_fn, shape, divergence: str, probes: Option
     def field(state, t):
         x = state[:, :d]
         score, vjp_fn = torch.func.vjp(lambda y: score_flat(y, t), x)
-        if divergence == "exact":
+        if divergence == "exact" and chunk_size == 1:  # a plain loop: vmap of single vectors only adds overhead
+            unit = torch.zeros(batch, d, dtype=x.dtype, device=x.device)
+            div_score = torch.zeros(batch, 1, dtype=x.dtype, device=x.device)
+            for i in range(d):
+                unit[:, i] = 1.0
+                div_score[:, 0] += vjp_fn(unit)[0][:, i]
+                unit[:, i] = 0.0
+        elif divergence == "exact":
             traces = []
             for start in range(0, d, chunk_size):
                 idx = torch.arange(start, min(start + chunk_size, d), device=x.device)
@@ -83,7 +92,8 @@ def log_likelihood(score_fn, sde: SDE, x: torch.Tensor, *, divergence: str = "ex
 
     ``x: (batch, *dims)``. ``solver``: any ODE solver; adaptive ones use ``rtol``/``atol`` (they
     apply to the divergence too), fixed-step ones take ``steps`` uniform steps. Hutchinson probes
-    are drawn once per sample from ``generator`` and kept along the path.
+    are drawn once per sample from ``generator`` and kept along the path. ``chunk_size``: coordinates
+    per ``torch.func.vmap``-batched product of the exact divergence; 1 loops over them instead.
     """
     x, _ = _start(score_fn, sde, x, generator, None, None)
     if divergence not in DIVERGENCES:

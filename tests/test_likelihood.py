@@ -79,7 +79,8 @@ def test_hutchinson_is_unbiased_and_its_stderr_is_honest():
     assert few.stderr.mean() > 2 * est.stderr.mean()  # ~ 1 / sqrt(K): 4 vs 64 probes, ratio ~4
 
 
-def test_exact_divergence_is_the_jacobian_trace_of_a_network():
+@pytest.mark.parametrize("chunk_size", [1, 2, 3])  # a loop; vmap over chunks, even and uneven
+def test_exact_divergence_is_the_jacobian_trace_of_a_network(chunk_size):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
 
@@ -89,7 +90,7 @@ def test_exact_divergence_is_the_jacobian_trace_of_a_network():
     sde = SDES["vp"]
     x = torch.randn(5, 3, dtype=F64)
     t = torch.tensor(0.3, dtype=F64)
-    field = _divergence_field(sde, score_fn, x.shape, "exact", None, chunk_size=2)
+    field = _divergence_field(sde, score_fn, x.shape, "exact", None, chunk_size=chunk_size)
     state = torch.cat([x, torch.zeros(5, 1, dtype=F64)], 1)
     div = field(state, t)[:, -1]
     with torch.no_grad():  # the divergence takes its own gradients: evaluation may run under no_grad
