@@ -92,7 +92,8 @@ class CompiledODESampler:
         mode = self.mode
         if mode == "auto":
             mode = "reduce-overhead" if x.device.type == "cuda" else None
-        mode = None if mode == "default" else mode
+        if mode == "default" or self.backend != "inductor":  # modes are Inductor's; other backends ignore them
+            mode = None
         key = (x.device, x.dtype, mode)
         if key not in self._programs:
             ts = self.ts.to(device=x.device, dtype=x.dtype)

@@ -58,6 +58,18 @@ def test_inductor_program_matches_eager_and_is_reused():
     assert len(sampler._programs) == 1
 
 
+@pytest.mark.parametrize("mode", ["reduce-overhead", "default", "auto"])
+def test_modes_are_inductors_only(mode):
+    # Modes configure Inductor; with another backend (which would ignore them) none is passed.
+    sde = VPSDE()
+    score = mixture().score_fn(sde)
+    x = prior_draws(sde)
+    sampler = CompiledODESampler(score, sde, steps=3, mode=mode, backend="eager")
+    got = sampler(x)
+    assert (got.x - sample_ode(score, sde, x, steps=3).x).abs().max().item() < 1e-12
+    assert [key[2] for key in sampler._programs] == [None]
+
+
 def test_many_samplers_do_not_share_one_recompile_budget():
     # Dynamo allows 8 variants per code object; every sampler gets a code object of its own.
     sde = VPSDE()
