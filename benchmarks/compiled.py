@@ -34,6 +34,7 @@ import torch
 import sdediff
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
 from overhead import DIM, MLP  # noqa: E402
 
 
@@ -57,13 +58,7 @@ def main(argv=None):
     sde = sdediff.VPSDE()
 
     def timed(fn):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = fn()
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0, out
+        return timing.timed(fn, device)
 
     rows = []
     for size in args.sizes.split(","):

@@ -47,7 +47,7 @@ import json
 import math
 import platform
 import statistics
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +55,9 @@ import torch
 from scipy.integrate import solve_ivp
 
 import sdediff
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import timed  # noqa: E402
 
 F64 = torch.float64
 
@@ -70,19 +73,6 @@ def make_problem(n: int, seed: int, device):
     gm = sdediff.GaussianMixture(weights, means, stds)
     x = gm.sample(n, generator=torch.Generator().manual_seed(seed), dtype=F64, device=device)
     return gm, x
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
 
 
 # --------------------------------------------------------------------------- baseline (score_sde style)

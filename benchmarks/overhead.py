@@ -50,6 +50,7 @@ import sdediff
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peers  # noqa: E402
+import timing  # noqa: E402
 
 DIM, HIDDEN, TIME_FEATURES = 64, 256, 16
 
@@ -220,13 +221,7 @@ def main(argv=None):
         loops, baseline_of = build_loops(args, model, x)
 
         def timed(fn):
-            if cuda:
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = fn()
-            if cuda:
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            dt, out = timing.timed(fn, device)
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError("a loop produced non-finite values")
             return dt

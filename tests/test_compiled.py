@@ -22,72 +22,58 @@ def prior_draws(sde, n=16, seed=0):
     return sde.prior_sample((n, 2), generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
+def run_both(sde=None, backend="eager", seed=0, mode="auto", **kwargs):
+    """``(sampler, compiled solution, sample_ode's solution)`` for the mixture's score from the same draws."""
+    sde = VPSDE() if sde is None else sde
+    score = mixture().score_fn(sde)
+    x = prior_draws(sde, seed=seed)
+    sampler = CompiledODESampler(score, sde, backend=backend, mode=mode, **kwargs)
+    return sampler, sampler(x), sample_ode(score, sde, x, **kwargs)
+
+
 @pytest.mark.parametrize("solver", FIXED_STEP)
 def test_traced_loop_equals_sample_ode(solver):
     # backend="eager" runs dynamo's capture (fullgraph: one graph, no breaks) without code generation.
-    sde = VPSDE()
-    score = mixture().score_fn(sde)
-    x = prior_draws(sde)
-    sampler = CompiledODESampler(score, sde, steps=6, solver=solver, backend="eager")
-    got = sampler(x)
-    ref = sample_ode(score, sde, x, steps=6, solver=solver)
-    assert torch.allclose(got.ts, ref.ts, rtol=0, atol=0)
+    _, got, ref = run_both(steps=6, solver=solver)
+    assert torch.equal(got.ts, ref.ts)
     assert (got.x - ref.x).abs().max().item() <= 1e-12 * max(1.0, ref.x.abs().max().item())
     assert got.nfe == ref.nfe
-    assert not torch.equal(got.x, x)  # it moved
+    assert not torch.equal(got.x, prior_draws(VPSDE()))  # it moved
 
 
 @pytest.mark.parametrize("sde_name", ["vp_cosine", "subvp_linear", "ve", "edm"])
 def test_traced_loop_on_every_process(sde_name):
-    sde = SDE_FACTORIES[sde_name]()
-    score = mixture().score_fn(sde)
-    x = prior_draws(sde)
-    got = CompiledODESampler(score, sde, steps=5, grid="karras", backend="eager")(x)
-    ref = sample_ode(score, sde, x, steps=5, grid="karras")
+    _, got, ref = run_both(SDE_FACTORIES[sde_name](), steps=5, grid="karras")
     assert (got.x - ref.x).abs().max().item() <= 1e-12 * max(1.0, ref.x.abs().max().item())
 
 
 def test_inductor_program_matches_eager_and_is_reused():
-    sde = VPSDE()
-    score = mixture().score_fn(sde)
-    sampler = CompiledODESampler(score, sde, steps=4, solver="unipc")
-    for seed in (0, 1):  # the second call replays the compiled program on new inputs
-        x = prior_draws(sde, seed=seed)
-        got, ref = sampler(x), sample_ode(score, sde, x, steps=4, solver="unipc")
-        assert (got.x - ref.x).abs().max().item() < 1e-10
+    sampler, got, ref = run_both(backend="inductor", steps=4, solver="unipc")
+    assert (got.x - ref.x).abs().max().item() < 1e-10
+    x = prior_draws(sampler.sde, seed=1)  # the second call replays the compiled program on new inputs
+    ref = sample_ode(mixture().score_fn(sampler.sde), sampler.sde, x, steps=4, solver="unipc")
+    assert (sampler(x).x - ref.x).abs().max().item() < 1e-10
     assert len(sampler._programs) == 1
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "default", "auto"])
 def test_modes_are_inductors_only(mode):
     # Modes configure Inductor; with another backend (which would ignore them) none is passed.
-    sde = VPSDE()
-    score = mixture().score_fn(sde)
-    x = prior_draws(sde)
-    sampler = CompiledODESampler(score, sde, steps=3, mode=mode, backend="eager")
-    got = sampler(x)
-    assert (got.x - sample_ode(score, sde, x, steps=3).x).abs().max().item() < 1e-12
+    sampler, got, ref = run_both(steps=3, mode=mode)
+    assert (got.x - ref.x).abs().max().item() < 1e-12
     assert [key[2] for key in sampler._programs] == [None]
 
 
 def test_many_samplers_do_not_share_one_recompile_budget():
     # Dynamo allows 8 variants per code object; every sampler gets a code object of its own.
-    sde = VPSDE()
-    score = mixture().score_fn(sde)
-    x = prior_draws(sde)
     for steps in range(2, 13):
-        got = CompiledODESampler(score, sde, steps=steps, solver="dpmpp_2m", backend="eager")(x)
-        ref = sample_ode(score, sde, x, steps=steps, solver="dpmpp_2m")
+        _, got, ref = run_both(steps=steps, solver="dpmpp_2m")
         assert (got.x - ref.x).abs().max().item() < 1e-12
 
 
 def test_user_grid():
-    sde = VPSDE()
-    score = mixture().score_fn(sde)
-    x = prior_draws(sde)
     grid = torch.tensor([1.0, 0.6, 0.3, 0.1, 0.01], dtype=F64)
-    got = CompiledODESampler(score, sde, grid=grid, solver="heun", backend="eager")(x)
-    ref = sample_ode(score, sde, x, grid=grid, solver="heun")
+    _, got, ref = run_both(grid=grid, solver="heun")
     assert got.nfe == ref.nfe == 8
     assert (got.x - ref.x).abs().max().item() < 1e-12
 
