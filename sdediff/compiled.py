@@ -1,13 +1,15 @@
-"""Fixed-shape, fixed-grid probability-flow sampling captured as one program (``torch.compile``).
+"""Fixed-shape, fixed-grid sampling captured as one program (``torch.compile``).
 
 The eager loop pays, per step, Python and one kernel launch per tensor operation. For a small
 network, and on a GPU above all, that is a visible share of a sample. :class:`CompiledODESampler`
-fixes the solver, the grid and the solver's coefficients once, traces the whole loop (the score
-network included) into one graph, and compiles it per input shape, dtype and device: on CUDA with
+and :class:`CompiledSDESampler` fix the solver, the grid and the solver's coefficients once, trace
+the whole loop (the score network included) into one graph, and compile it per input shape, dtype
+and device: on CUDA with
 ``mode="reduce-overhead"`` (CUDA graphs: the whole loop is one replay), elsewhere with Inductor's
 fused kernels. The first call for a shape compiles (seconds to minutes); later calls reuse it.
 The steps are the eager solvers' own ``step`` functions, so results match :func:`sample_ode`
-to round-off.
+and :func:`sample_sde` (given the same noise) to round-off. The loop is unrolled, so the compile
+time grows with the number of steps: this suits the 5–50 step regime.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .reverse import ReverseProcess
 from .sampling import DEFAULT_ODE_SOLVER, DEFAULT_ODE_STEPS, DEFAULT_T_END
 from .sdes import SDE, check_sde
 from .solvers.base import get_solver
+from .solvers.external import TorchdiffeqSolver, TorchsdeSolver
 
 MODES = ("auto", None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -37,36 +40,24 @@ def _own_code(fn):
     return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
 
 
-class CompiledODESampler:
-    """``sampler(x_T) -> Solution``: :func:`sample_ode` on a fixed grid with a fixed-step solver, compiled.
+class _CompiledSampler:
+    """Validation, grid, per-(device, dtype) compiled programs and the checked call; subclasses give the process and the step."""
 
-    ``score_fn(x, t)`` with ``x: (batch, *dims)``, ``t: (batch,)``, as for :func:`sample_ode`; it
-    is traced with the loop, so it must be capturable by ``torch.compile`` (with ``fullgraph``, in
-    one graph: no ``.item()``, no data-dependent Python branches). ``steps``, ``solver``, ``grid``,
-    ``t_start``, ``t_end`` as in :func:`sample_ode`; adaptive and torchdiffeq/torchsde solvers are
-    refused. ``mode`` is ``torch.compile``'s; ``"auto"`` takes ``"reduce-overhead"`` (CUDA graphs)
-    for CUDA inputs and the default elsewhere. ``backend="eager"`` only traces (a quick check that
-    the loop captures). The returned ``x`` is a fresh tensor (CUDA graph outputs are copied out of
-    the graph's memory pool, which the next replay overwrites). Non-finite states raise
-    :class:`~sdediff.NonFiniteError` naming the step, as in the eager loop.
-    """
+    kind = ""
 
-    def __init__(self, score_fn, sde: SDE, *, steps: int = DEFAULT_ODE_STEPS, solver=DEFAULT_ODE_SOLVER,
-                 grid=None, t_start: float | None = None, t_end: float | None = None, mode="auto",
-                 backend: str = "inductor", fullgraph: bool = True):
-        check_sde(sde)
-        _checks.callable_("score_fn", score_fn)
-        solver = get_solver(solver, "ode")
-        if solver.adaptive or solver.evals_per_step < 1:
-            raise ValueError(f"solver {solver.name!r} has no fixed number of score calls per step; a compiled "
-                             "sampler needs a fixed-step solver (see available_solvers('ode'))")
+    def __init__(self, term, sde: SDE, *, steps, solver, grid, t_start, t_end, mode, backend, fullgraph):
+        solver = get_solver(solver, self.kind)
+        if solver.adaptive or solver.evals_per_step < 1 or isinstance(solver, (TorchdiffeqSolver, TorchsdeSolver)):
+            raise ValueError(f"solver {solver.name!r} runs its own loop or has no fixed number of score calls per "
+                             f"step; a compiled sampler needs a fixed-step sdediff solver (see "
+                             f"available_solvers({self.kind!r}))")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a torch.compile backend name, got {type(backend).__name__}")
-        self.sde, self.solver, self.mode, self.backend, self.fullgraph = sde, solver, mode, backend, bool(fullgraph)
-        self.term = ReverseProcess(sde, score_fn, 0.0).ode_term()
-        solver.check_term(self.term)
+        self.sde, self.solver, self.term = sde, solver, term
+        self.mode, self.backend, self.fullgraph = mode, backend, bool(fullgraph)
+        solver.check_term(term)
         if isinstance(grid, torch.Tensor):
             if t_start is not None or t_end is not None:
                 raise ValueError("t_start and t_end are set by the grid tensor; do not pass them with it")
@@ -75,16 +66,16 @@ class CompiledODESampler:
         t_end = DEFAULT_T_END if t_end is None and not isinstance(grid, torch.Tensor) else t_end
         self.ts = time_grid(sde, steps, grid=grid, t_start=t_start, t_end=t_end)  # float64, validated
         self.steps = len(self.ts) - 1
-        self._programs: dict = {}  # (device, dtype, mode) -> (grid, solver state, compiled loop)
+        self._programs: dict = {}  # (device, dtype, mode) -> (grid, compiled loop)
 
-    def _loop(self, x, ts, state):
+    def _step(self, x, t0, t1, state, i, noise):
+        raise NotImplementedError
+
+    def _loop(self, x, noise, ts, state):
         times = ts.unbind()
         sums = []
         for i in range(len(times) - 1):
-            if self.solver.multistep:
-                x, state = self.solver.step(self.term, x, times[i], times[i + 1], state)
-            else:
-                x = self.solver.step(self.term, x, times[i], times[i + 1])
+            x, state = self._step(x, times[i], times[i + 1], state, i, noise)
             sums.append(checksum(x))
         return x, torch.stack(sums)
 
@@ -100,20 +91,94 @@ class CompiledODESampler:
             # The coefficients are computed here, eagerly (a multistep solver's are host floats);
             # the traced loop sees them as constants.
             state = self.solver.init(self.term, x, ts) if self.solver.multistep else None
-            loop = torch.compile(_own_code(lambda x: self._loop(x, ts, state)), mode=mode, backend=self.backend,
-                                 fullgraph=self.fullgraph, dynamic=False)
+            loop = torch.compile(_own_code(lambda x, noise: self._loop(x, noise, ts, state)), mode=mode,
+                                 backend=self.backend, fullgraph=self.fullgraph, dynamic=False)
             self._programs[key] = (ts, loop)
         return self._programs[key]
 
-    def __call__(self, x: torch.Tensor) -> Solution:
-        """Integrate from ``x: (batch, *dims)`` at the grid's first time to its last."""
-        x = _checks.batched("x", x)
+    def _run(self, x: torch.Tensor, noise) -> Solution:
         ts, loop = self._program(x)
-        out, sums = loop(x)
+        out, sums = loop(x, noise)
         out, sums = out.clone(), sums.clone()
         finite = torch.isfinite(sums)
         if not bool(finite.all()):  # the one host sync
             _raise_nonfinite(int((~finite).nonzero()[0]), ts)
         # A call counter inside the traced loop would be guarded on and force a recompile per call;
-        # the count is fixed by the solver instead (tests check it against sample_ode's counted NFE).
+        # the count is fixed by the solver instead (tests check it against the eager loops' counts).
         return Solution(out, ts, None, self.steps * self.solver.evals_per_step)
+
+
+_COMMON = """``score_fn(x, t)`` with ``x: (batch, *dims)``, ``t: (batch,)``; it is traced with the loop,
+    so it must be capturable by ``torch.compile`` (with ``fullgraph``, in one graph: no ``.item()``,
+    no data-dependent Python branches). ``steps``, ``solver``, ``grid``, ``t_start``, ``t_end`` as in
+    the eager function; adaptive and torchdiffeq/torchsde solvers are refused. ``mode`` is
+    ``torch.compile``'s; ``"auto"`` takes ``"reduce-overhead"`` (CUDA graphs) for CUDA inputs and
+    the default elsewhere. ``backend="eager"`` only traces (a quick check that the loop captures).
+    The returned ``x`` is a fresh tensor (CUDA graph outputs are copied out of the graph's memory
+    pool, which the next replay overwrites). Non-finite states raise
+    :class:`~sdediff.NonFiniteError` naming the step, as in the eager loop."""
+
+
+class CompiledODESampler(_CompiledSampler):
+    __doc__ = """``sampler(x_T) -> Solution``: :func:`sample_ode` on a fixed grid with a fixed-step solver, compiled.
+
+    """ + _COMMON
+
+    kind = "ode"
+
+    def __init__(self, score_fn, sde: SDE, *, steps: int = DEFAULT_ODE_STEPS, solver=DEFAULT_ODE_SOLVER,
+                 grid=None, t_start: float | None = None, t_end: float | None = None, mode="auto",
+                 backend: str = "inductor", fullgraph: bool = True):
+        check_sde(sde)
+        term = ReverseProcess(sde, _checks.callable_("score_fn", score_fn), 0.0).ode_term()
+        super().__init__(term, sde, steps=steps, solver=solver, grid=grid, t_start=t_start, t_end=t_end,
+                         mode=mode, backend=backend, fullgraph=fullgraph)
+
+    def _step(self, x, t0, t1, state, i, noise):
+        if self.solver.multistep:
+            return self.solver.step(self.term, x, t0, t1, state)
+        return self.solver.step(self.term, x, t0, t1), state
+
+    def __call__(self, x: torch.Tensor) -> Solution:
+        """Integrate from ``x: (batch, *dims)`` at the grid's first time to its last."""
+        return self._run(_checks.batched("x", x), None)
+
+
+class CompiledSDESampler(_CompiledSampler):
+    __doc__ = """``sampler(x_T, generator=) -> Solution``: :func:`sample_sde` on a fixed grid, compiled.
+
+    ``stochasticity`` and ``noise_free_last_step`` as in :func:`sample_sde` (default solver
+    ``"euler_maruyama"``, 50 steps here: the loop is unrolled). The standard normal draws of all
+    steps, ``(steps, batch, *dims)``, are made before the compiled loop runs, from ``generator``,
+    or passed as ``noise=``; step ``i`` uses ``dW = noise[i] sqrt(|t_(i+1) - t_i|)``, so
+    :func:`sample_sde` with ``brownian`` replaying the same draws gives the same samples.
+    """ + _COMMON
+
+    kind = "sde"
+
+    def __init__(self, score_fn, sde: SDE, *, steps: int = DEFAULT_ODE_STEPS, solver="euler_maruyama",
+                 stochasticity: float = 1.0, grid=None, t_start: float | None = None, t_end: float | None = None,
+                 noise_free_last_step: bool = True, mode="auto", backend: str = "inductor", fullgraph: bool = True):
+        check_sde(sde)
+        term = ReverseProcess(sde, _checks.callable_("score_fn", score_fn), stochasticity).sde_term()
+        self.noise_free_last_step = bool(noise_free_last_step)
+        super().__init__(term, sde, steps=steps, solver=solver, grid=grid, t_start=t_start, t_end=t_end,
+                         mode=mode, backend=backend, fullgraph=fullgraph)
+
+    def _step(self, x, t0, t1, state, i, noise):
+        last = i == self.steps - 1
+        dw = None if (last and self.noise_free_last_step) else noise[i] * (t1 - t0).abs().sqrt()
+        if self.solver.multistep:
+            return self.solver.step(self.term, x, t0, t1, dw, state)
+        return self.solver.step(self.term, x, t0, t1, dw), state
+
+    def __call__(self, x: torch.Tensor, *, generator=None, noise=None) -> Solution:
+        """Integrate from ``x: (batch, *dims)``; ``noise``: optional standard normals ``(steps, batch, *dims)``."""
+        x = _checks.batched("x", x)
+        shape = (self.steps,) + tuple(x.shape)
+        if noise is None:
+            noise = torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
+        elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
+            got = tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__
+            raise ValueError(f"noise must be a tensor of shape (steps, batch, *dims) = {shape}, got {got}")
+        return self._run(x, noise.to(dtype=x.dtype, device=x.device))

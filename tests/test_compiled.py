@@ -1,4 +1,4 @@
-"""CompiledODESampler: the traced loop is sample_ode's loop (same result, same NFE), on every fixed-step ODE solver."""
+"""Compiled samplers: the traced loop is sample_ode's / sample_sde's loop (same result, same NFE) on every fixed-step solver."""
 
 import math
 
@@ -6,12 +6,16 @@ import pytest
 import torch
 
 import sdediff
-from sdediff import CompiledODESampler, GaussianMixture, NonFiniteError, VPSDE, available_solvers, sample_ode
+from sdediff import (CompiledODESampler, CompiledSDESampler, GaussianMixture, NonFiniteError, VPSDE, available_solvers,
+                     get_solver, sample_ode, sample_sde)
+from sdediff.solvers.external import TorchsdeSolver
 
 from conftest import SDE_FACTORIES
 
 F64 = torch.float64
 FIXED_STEP = [name for name, info in available_solvers("ode").items() if not info.adaptive]
+FIXED_STEP_SDE = [name for name in available_solvers("sde")  # torchsde's solvers run their own loops
+                  if not isinstance(get_solver(name, "sde"), TorchsdeSolver)]
 
 
 def mixture():
@@ -92,7 +96,7 @@ def test_non_finite_state_names_the_step():
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(solver="dopri5"), "fixed-step solver"),
+    (dict(solver="dopri5"), "fixed-step sdediff solver"),
     (dict(solver="euler_maruyama"), "SDE solver"),
     (dict(mode="fast"), "mode must be one of"),
     (dict(backend=3), "backend must be"),
@@ -112,3 +116,65 @@ def test_bad_score_and_input():
     sampler = CompiledODESampler(mixture().score_fn(sde), sde, steps=2, backend="eager")
     with pytest.raises((ValueError, TypeError), match="x"):
         sampler(torch.tensor(1.0, dtype=F64))
+
+
+def replay(noise):
+    """A ``brownian`` for sample_sde that hands out ``noise[i] sqrt(|dt|)`` at its i-th call, as the compiled loop does."""
+    calls = iter(range(len(noise)))
+
+    def brownian(t0, t1):
+        return noise[next(calls)] * (t1 - t0).abs().sqrt()
+
+    return brownian
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP_SDE)
+@pytest.mark.parametrize("noise_free_last_step", [True, False])
+def test_traced_sde_loop_equals_sample_sde(solver, noise_free_last_step):
+    sde = VPSDE()
+    score = mixture().score_fn(sde)
+    x = prior_draws(sde)
+    noise = torch.randn((6,) + x.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    kwargs = dict(steps=6, solver=solver, noise_free_last_step=noise_free_last_step)
+    got = CompiledSDESampler(score, sde, backend="eager", **kwargs)(x, noise=noise)
+    ref = sample_sde(score, sde, x, brownian=replay(noise), **kwargs)
+    assert (got.x - ref.x).abs().max().item() <= 1e-12 * max(1.0, ref.x.abs().max().item())
+    assert got.nfe == ref.nfe
+    if noise_free_last_step:  # the last draw is not used
+        noise[-1] += 1.0
+        again = CompiledSDESampler(score, sde, backend="eager", **kwargs)(x, noise=noise)
+        assert torch.equal(again.x, got.x)
+
+
+def test_sde_sampler_draws_its_noise_from_the_generator():
+    sde = VPSDE()
+    score = mixture().score_fn(sde)
+    x = prior_draws(sde)
+    sampler = CompiledSDESampler(score, sde, steps=4, stochasticity=0.5, grid="log_snr")
+    a = sampler(x, generator=torch.Generator().manual_seed(7))
+    b = sampler(x, generator=torch.Generator().manual_seed(7))
+    c = sampler(x, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a.x, b.x) and not torch.allclose(a.x, c.x)
+    noise = torch.randn((4,) + x.shape, generator=torch.Generator().manual_seed(7), dtype=F64)
+    ref = sample_sde(score, sde, x, steps=4, stochasticity=0.5, grid="log_snr", brownian=replay(noise))
+    assert (a.x - ref.x).abs().max().item() < 1e-10  # Inductor-compiled, float64
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(solver="srk"), "fixed-step sdediff solver"),
+    (dict(solver="heun"), "ODE solver"),
+    (dict(stochasticity=-1.0), "stochasticity"),
+    (dict(solver="sde_dpmpp_2m", stochasticity=0.5), "stochasticity 1"),
+])
+def test_bad_sde_arguments(kwargs, message):
+    sde = VPSDE()
+    with pytest.raises((ValueError, TypeError), match=message):
+        CompiledSDESampler(mixture().score_fn(sde), sde, **kwargs)
+
+
+def test_bad_noise():
+    sde = VPSDE()
+    sampler = CompiledSDESampler(mixture().score_fn(sde), sde, steps=3, backend="eager")
+    x = prior_draws(sde)
+    with pytest.raises(ValueError, match=r"noise must be a tensor of shape \(steps, batch, \*dims\) = \(3, 16, 2\)"):
+        sampler(x, noise=torch.zeros(2, 16, 2))
