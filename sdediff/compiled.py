@@ -4,9 +4,8 @@ The eager loop pays, per step, Python and one kernel launch per tensor operation
 network, and on a GPU above all, that is a visible share of a sample. :class:`CompiledODESampler`
 and :class:`CompiledSDESampler` fix the solver, the grid and the solver's coefficients once, trace
 the whole loop (the score network included) into one graph, and compile it per input shape, dtype
-and device: on CUDA with
-``mode="reduce-overhead"`` (CUDA graphs: the whole loop is one replay), elsewhere with Inductor's
-fused kernels. The first call for a shape compiles (seconds to minutes); later calls reuse it.
+and device: on CUDA with ``mode="reduce-overhead"`` (CUDA graphs: the whole loop is one replay),
+elsewhere with Inductor's fused kernels. The first call for a shape compiles (seconds to minutes); later calls reuse it.
 The steps are the eager solvers' own ``step`` functions, so results match :func:`sample_ode`
 and :func:`sample_sde` (given the same noise) to round-off. The loop is unrolled, so the compile
 time grows with the number of steps: this suits the 5–50 step regime.
@@ -41,7 +40,10 @@ def _own_code(fn):
 
 
 class _CompiledSampler:
-    """Validation, grid, per-(device, dtype) compiled programs and the checked call; subclasses give the process and the step."""
+    """Validation, the grid, one compiled program per (device, dtype, mode) and the checked call.
+
+    Subclasses build the term (probability-flow ODE or reverse SDE) and give ``_step``.
+    """
 
     kind = ""
 
