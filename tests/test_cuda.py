@@ -1,0 +1,89 @@
+"""On a CUDA device: the samplers, the likelihood and the compiled samplers agree with the CPU.
+
+Skipped without a GPU (the development machine has none); ``benchmarks/gpu_checks.sh`` runs these
+with the benchmarks on a lent GPU machine.
+"""
+
+import pytest
+import torch
+
+from sdediff import (CompiledODESampler, CompiledSDESampler, GaussianMixture, VESDE, VPSDE, log_likelihood,
+                     sample_ode, sample_sde)
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+F64 = torch.float64
+CUDA = torch.device("cuda")
+
+
+def mixture():
+    return GaussianMixture([0.3, 0.7], [[1.5, 0.0], [-1.0, 0.5]], [0.2, 0.4])
+
+
+def draws(sde, n=64):
+    return sde.prior_sample((n, 2), generator=torch.Generator().manual_seed(0), dtype=F64)
+
+
+@pytest.mark.parametrize("solver", ["unipc", "dpmpp_3m", "heun", "ddim", "dopri5"])
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
+def test_sample_ode_on_cuda_matches_cpu(sde, solver):
+    score = mixture().score_fn(sde)
+    x = draws(sde)
+    cpu = sample_ode(score, sde, x, steps=10, solver=solver)
+    gpu = sample_ode(score, sde, x.to(CUDA), steps=10, solver=solver)
+    assert gpu.x.device.type == "cuda"
+    if solver == "dopri5":  # the step-size control may take other steps on other round-off
+        assert (gpu.x.cpu() - cpu.x).abs().max().item() < 1e-5
+    else:
+        assert gpu.nfe == cpu.nfe and (gpu.x.cpu() - cpu.x).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("solver", ["euler_maruyama", "ancestral", "sde_dpmpp_2m", "srk"])
+def test_sample_sde_on_cuda_with_a_cuda_generator(solver):
+    sde = VPSDE()
+    score = mixture().score_fn(sde)
+    x = draws(sde).to(CUDA)
+    runs = [sample_sde(score, sde, x, steps=20, solver=solver, generator=torch.Generator(CUDA).manual_seed(1))
+            for _ in range(2)]
+    assert runs[0].x.device.type == "cuda" and torch.equal(runs[0].x, runs[1].x)
+    assert bool(torch.isfinite(runs[0].x).all())
+
+
+@pytest.mark.parametrize("divergence", ["exact", "hutchinson"])
+def test_log_likelihood_on_cuda_matches_cpu(divergence):
+    sde, gm = VPSDE(), mixture()
+    x = gm.sample(32, generator=torch.Generator().manual_seed(2), dtype=F64)
+    kw = dict(divergence=divergence, probes=4)
+    cpu = log_likelihood(gm.score_fn(sde), sde, x, generator=torch.Generator().manual_seed(3), **kw)
+    gpu = log_likelihood(gm.score_fn(sde), sde, x.to(CUDA), generator=torch.Generator(CUDA).manual_seed(3), **kw)
+    assert gpu.logp.device.type == "cuda"
+    if divergence == "exact":
+        assert (gpu.logp.cpu() - cpu.logp).abs().max().item() < 1e-6
+    exact = gm.marginal_log_prob(sde, x, 1e-5)
+    assert (gpu.logp.cpu() - exact).abs().mean().item() < (1e-2 if divergence == "exact" else 1.0)
+
+
+def test_compiled_ode_sampler_as_a_cuda_graph():
+    sde = VPSDE()
+    score = mixture().score_fn(sde)
+    sampler = CompiledODESampler(score, sde, steps=8)  # mode "auto": reduce-overhead (CUDA graphs)
+    outs = []
+    for seed in range(3):  # recording, then replays; outputs must survive later replays
+        x = sde.prior_sample((64, 2), generator=torch.Generator().manual_seed(seed), dtype=F64).to(CUDA)
+        got, ref = sampler(x), sample_ode(score, sde, x, steps=8)
+        assert (got.x - ref.x).abs().max().item() < 1e-10
+        outs.append((got.x, ref.x))
+    for got, ref in outs:
+        assert (got - ref).abs().max().item() < 1e-10
+
+
+def test_compiled_sde_sampler_on_cuda():
+    sde = VPSDE()
+    score = mixture().score_fn(sde)
+    x = draws(sde).to(CUDA)
+    noise = torch.randn((8,) + x.shape, generator=torch.Generator(CUDA).manual_seed(4), dtype=F64, device=CUDA)
+    draws_iter = iter(noise)
+    got = CompiledSDESampler(score, sde, steps=8, solver="ancestral")(x, noise=noise)
+    ref = sample_sde(score, sde, x, steps=8, solver="ancestral",
+                     brownian=lambda t0, t1: next(draws_iter) * (t1 - t0).abs().sqrt())
+    assert (got.x - ref.x).abs().max().item() < 1e-10
