@@ -12,7 +12,7 @@ starts. So the baseline is the model's cost alone. A second baseline, "bare Eule
 (``x = x + h * model(x, c)``), adds the one update that any sampler has to make. A third, "bare
 2-history multistep loop", makes the four tensor operations a DPM-Solver++(2M) / UniPC step needs
 at the least in eager PyTorch (the history entry ``x + sigma^2 score``, then ``a x + b0 H0 + b1 H1``):
-the floor of any eager implementation of those solvers. What a sampler
+what their straightforward eager implementation cannot avoid. What a sampler
 costs beyond the bare loop is its overhead: time grid, coefficients, state updates, Python.
 
 The timed region covers everything a sampling call does given ``x_T``: sdediff's ``sample_ode``

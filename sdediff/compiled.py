@@ -27,6 +27,7 @@ from .sdes import SDE, check_sde
 from .solvers.base import get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver
 
+DEFAULT_COMPILED_SDE_STEPS = 50  # not sample_sde's 1000: the traced loop is unrolled
 MODES = ("auto", None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -40,7 +41,7 @@ def _own_code(fn):
 
 
 class _CompiledSampler:
-    """Validation, the grid, one compiled program per (device, dtype, mode) and the checked call.
+    """Validation, the grid, one compiled program per (device, dtype, shape, mode) and the checked call.
 
     Subclasses build the term (probability-flow ODE or reverse SDE) and give ``_step``.
     """
@@ -68,7 +69,7 @@ class _CompiledSampler:
         t_end = DEFAULT_T_END if t_end is None and not isinstance(grid, torch.Tensor) else t_end
         self.ts = time_grid(sde, steps, grid=grid, t_start=t_start, t_end=t_end)  # float64, validated
         self.steps = len(self.ts) - 1
-        self._programs: dict = {}  # (device, dtype, mode) -> (grid, compiled loop)
+        self._programs: dict = {}  # (device, dtype, shape, mode) -> (grid, compiled loop)
 
     def _step(self, x, t0, t1, state, i, noise):
         raise NotImplementedError
@@ -87,27 +88,36 @@ class _CompiledSampler:
             mode = "reduce-overhead" if x.device.type == "cuda" else None
         if mode == "default" or self.backend != "inductor":  # modes are Inductor's; other backends ignore them
             mode = None
-        key = (x.device, x.dtype, mode)
+        # Each shape gets its own program (and code object), so ragged batches never run into
+        # dynamo's limit of 8 variants per code object.
+        key = (x.device, x.dtype, tuple(x.shape), mode)
         if key not in self._programs:
             ts = self.ts.to(device=x.device, dtype=x.dtype)
             # The coefficients are computed here, eagerly (a multistep solver's are host floats);
             # the traced loop sees them as constants.
             state = self.solver.init(self.term, x, ts) if self.solver.multistep else None
+            # One eager score call first: a score that fills a cache on its first call (the test
+            # bed's per-device parameters, a lazily built buffer) would otherwise be traced in its
+            # cache-missing branch, and the second call would compile the loop again.
+            self.term.process.score(x, ts[0])
             loop = torch.compile(_own_code(lambda x, noise: self._loop(x, noise, ts, state)), mode=mode,
                                  backend=self.backend, fullgraph=self.fullgraph, dynamic=False)
             self._programs[key] = (ts, loop)
         return self._programs[key]
 
     def _run(self, x: torch.Tensor, noise) -> Solution:
-        ts, loop = self._program(x)
-        out, sums = loop(x, noise)
-        out, sums = out.clone(), sums.clone()
+        # Inference only: under autograd the compiled program would keep every step's activations
+        # (in the CUDA graph's pool, too), and a change of grad mode would compile it again.
+        with torch.no_grad():
+            ts, loop = self._program(x)
+            out, sums = loop(x, noise)
+            out, sums = out.clone(), sums.clone()
         finite = torch.isfinite(sums)
         if not bool(finite.all()):  # the one host sync
             _raise_nonfinite(int((~finite).nonzero()[0]), ts)
         # A call counter inside the traced loop would be guarded on and force a recompile per call;
         # the count is fixed by the solver instead (tests check it against the eager loops' counts).
-        return Solution(out, ts, None, self.steps * self.solver.evals_per_step)
+        return Solution(out, ts.clone(), None, self.steps * self.solver.evals_per_step)  # the loop reads ts
 
 
 _COMMON = """``score_fn(x, t)`` with ``x: (batch, *dims)``, ``t: (batch,)``; it is traced with the loop,
@@ -116,9 +126,12 @@ _COMMON = """``score_fn(x, t)`` with ``x: (batch, *dims)``, ``t: (batch,)``; it 
     the eager function; adaptive and torchdiffeq/torchsde solvers are refused. ``mode`` is
     ``torch.compile``'s; ``"auto"`` takes ``"reduce-overhead"`` (CUDA graphs) for CUDA inputs and
     the default elsewhere. ``backend="eager"`` only traces (a quick check that the loop captures).
+    Sampling runs under ``torch.no_grad()`` (inference only). Each input shape, dtype and device
+    compiles once; an eager score call before the first trace lets a score fill its lazy caches.
     The returned ``x`` is a fresh tensor (CUDA graph outputs are copied out of the graph's memory
     pool, which the next replay overwrites). Non-finite states raise
-    :class:`~sdediff.NonFiniteError` naming the step, as in the eager loop."""
+    :class:`~sdediff.NonFiniteError` naming the step, as in the eager loop (without the eager
+    loop's separate check of the score's values)."""
 
 
 class CompiledODESampler(_CompiledSampler):
@@ -152,13 +165,15 @@ class CompiledSDESampler(_CompiledSampler):
     ``stochasticity`` and ``noise_free_last_step`` as in :func:`sample_sde` (default solver
     ``"euler_maruyama"``, 50 steps here: the loop is unrolled). The standard normal draws of all
     steps, ``(steps, batch, *dims)``, are made before the compiled loop runs, from ``generator``,
-    or passed as ``noise=``; step ``i`` uses ``dW = noise[i] sqrt(|t_(i+1) - t_i|)``, so
-    :func:`sample_sde` with ``brownian`` replaying the same draws gives the same samples.
+    or passed as ``noise=``; step ``i`` uses ``dW = noise[i] sqrt(|t_(i+1) - t_i|)`` (with
+    ``noise_free_last_step``, ``noise[-1]`` is unused). :func:`sample_sde` with ``brownian``
+    replaying the same draws gives the same samples; with the same ``generator`` it does not
+    (it draws step by step, and a generator's stream depends on the sizes drawn).
     """ + _COMMON
 
     kind = "sde"
 
-    def __init__(self, score_fn, sde: SDE, *, steps: int = DEFAULT_ODE_STEPS, solver="euler_maruyama",
+    def __init__(self, score_fn, sde: SDE, *, steps: int = DEFAULT_COMPILED_SDE_STEPS, solver="euler_maruyama",
                  stochasticity: float = 1.0, grid=None, t_start: float | None = None, t_end: float | None = None,
                  noise_free_last_step: bool = True, mode="auto", backend: str = "inductor", fullgraph: bool = True):
         check_sde(sde)
@@ -178,6 +193,8 @@ class CompiledSDESampler(_CompiledSampler):
         """Integrate from ``x: (batch, *dims)``; ``noise``: optional standard normals ``(steps, batch, *dims)``."""
         x = _checks.batched("x", x)
         shape = (self.steps,) + tuple(x.shape)
+        if noise is not None and generator is not None:
+            raise ValueError("give noise or a generator to draw it from, not both")
         if noise is None:
             noise = torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
         elif not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:

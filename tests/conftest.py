@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from sdediff import EDMSDE, SubVPSDE, VESDE, VPSDE
 
@@ -39,3 +40,10 @@ def sde(sde_name):
 @pytest.fixture
 def ddpm_betas():
     return ddpm_linear_betas(1000)
+
+
+def graphs_compiled_by(fn) -> int:
+    """How many graphs dynamo compiles while ``fn()`` runs (a second compile of one program is a bug)."""
+    before = counters["stats"]["unique_graphs"]
+    fn()
+    return counters["stats"]["unique_graphs"] - before

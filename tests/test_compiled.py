@@ -10,7 +10,7 @@ from sdediff import (CompiledODESampler, CompiledSDESampler, GaussianMixture, No
                      get_solver, sample_ode, sample_sde)
 from sdediff.solvers.external import TorchsdeSolver
 
-from conftest import SDE_FACTORIES
+from conftest import SDE_FACTORIES, graphs_compiled_by
 
 F64 = torch.float64
 FIXED_STEP = [name for name, info in available_solvers("ode").items() if not info.adaptive]
@@ -56,8 +56,39 @@ def test_inductor_program_matches_eager_and_is_reused():
     assert (got.x - ref.x).abs().max().item() < 1e-10
     x = prior_draws(sampler.sde, seed=1)  # the second call replays the compiled program on new inputs
     ref = sample_ode(mixture().score_fn(sampler.sde), sampler.sde, x, steps=4, solver="unipc")
+    assert graphs_compiled_by(lambda: sampler(x)) == 0
     assert (sampler(x).x - ref.x).abs().max().item() < 1e-10
-    assert len(sampler._programs) == 1
+
+
+def test_one_compile_per_shape():
+    # The test bed's score fills a per-device cache on its first call: traced then, the second call
+    # would compile again. Nine batch sizes exceed dynamo's 8 variants per code object.
+    sde = VPSDE()
+    sampler = CompiledODESampler(mixture().score_fn(sde), sde, steps=3, backend="eager")
+    assert graphs_compiled_by(lambda: [sampler(prior_draws(sde, seed=s)) for s in range(3)]) == 1
+    assert graphs_compiled_by(lambda: [sampler(prior_draws(sde, n=n)) for n in range(1, 10)]) == 9
+    sde_sampler = CompiledSDESampler(mixture().score_fn(sde), sde, steps=3, backend="eager")
+    gens = [torch.Generator().manual_seed(s) for s in range(3)]
+    assert graphs_compiled_by(lambda: [sde_sampler(prior_draws(sde), generator=g) for g in gens]) == 1
+
+
+def test_inference_only_and_a_fresh_grid():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
+
+    def score(x, t):
+        return net(torch.cat([x, t[:, None]], 1))
+
+    sde = VPSDE()
+    sampler = CompiledODESampler(score, sde, steps=3, backend="eager")
+    x = prior_draws(sde)
+    with torch.enable_grad():
+        got = sampler(x)
+    assert not got.x.requires_grad  # no graph kept through the unrolled loop
+    with torch.no_grad():
+        assert graphs_compiled_by(lambda: sampler(x)) == 0  # the grad mode is not a new variant
+    got.ts.mul_(0.5)  # the returned grid is the caller's; the program's own is untouched
+    assert torch.equal(sampler(x).x, got.x)
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "default", "auto"])
@@ -65,7 +96,7 @@ def test_modes_are_inductors_only(mode):
     # Modes configure Inductor; with another backend (which would ignore them) none is passed.
     sampler, got, ref = run_both(steps=3, mode=mode)
     assert (got.x - ref.x).abs().max().item() < 1e-12
-    assert [key[2] for key in sampler._programs] == [None]
+    assert [key[-1] for key in sampler._programs] == [None]
 
 
 def test_many_samplers_do_not_share_one_recompile_budget():
@@ -178,3 +209,5 @@ def test_bad_noise():
     x = prior_draws(sde)
     with pytest.raises(ValueError, match=r"noise must be a tensor of shape \(steps, batch, \*dims\) = \(3, 16, 2\)"):
         sampler(x, noise=torch.zeros(2, 16, 2))
+    with pytest.raises(ValueError, match="not both"):
+        sampler(x, noise=torch.zeros(3, 16, 2), generator=torch.Generator())

@@ -7,6 +7,7 @@ with the benchmarks on a lent GPU machine.
 import pytest
 import torch
 
+from conftest import graphs_compiled_by
 from sdediff import (CompiledODESampler, CompiledSDESampler, GaussianMixture, VESDE, VPSDE, log_likelihood,
                      sample_ode, sample_sde)
 
@@ -68,22 +69,33 @@ def test_compiled_ode_sampler_as_a_cuda_graph():
     score = mixture().score_fn(sde)
     sampler = CompiledODESampler(score, sde, steps=8)  # mode "auto": reduce-overhead (CUDA graphs)
     outs = []
-    for seed in range(3):  # recording, then replays; outputs must survive later replays
-        x = sde.prior_sample((64, 2), generator=torch.Generator().manual_seed(seed), dtype=F64).to(CUDA)
-        got, ref = sampler(x), sample_ode(score, sde, x, steps=8)
-        assert (got.x - ref.x).abs().max().item() < 1e-10
-        outs.append((got.x, ref.x))
+
+    def calls():  # warm-up, recording, then replays; every output must survive the later replays
+        for seed in range(5):
+            x = sde.prior_sample((64, 2), generator=torch.Generator().manual_seed(seed), dtype=F64).to(CUDA)
+            outs.append((sampler(x).x, sample_ode(score, sde, x, steps=8).x))
+
+    assert graphs_compiled_by(calls) == 1
     for got, ref in outs:
         assert (got - ref).abs().max().item() < 1e-10
 
 
-def test_compiled_sde_sampler_on_cuda():
+def test_compiled_sde_sampler_as_a_cuda_graph():
     sde = VPSDE()
     score = mixture().score_fn(sde)
-    x = draws(sde).to(CUDA)
-    noise = torch.randn((8,) + x.shape, generator=torch.Generator(CUDA).manual_seed(4), dtype=F64, device=CUDA)
-    draws_iter = iter(noise)
-    got = CompiledSDESampler(score, sde, steps=8, solver="ancestral")(x, noise=noise)
-    ref = sample_sde(score, sde, x, steps=8, solver="ancestral",
-                     brownian=lambda t0, t1: next(draws_iter) * (t1 - t0).abs().sqrt())
-    assert (got.x - ref.x).abs().max().item() < 1e-10
+    sampler = CompiledSDESampler(score, sde, steps=8, solver="ancestral")
+    outs = []
+
+    def calls():  # new x and new noise each time: both are copied into the graph's static inputs
+        for seed in range(5):
+            gen = torch.Generator(CUDA).manual_seed(seed)
+            x = torch.randn((64, 2), generator=gen, dtype=F64, device=CUDA)
+            noise = torch.randn((8, 64, 2), generator=gen, dtype=F64, device=CUDA)
+            draws = iter(noise)
+            ref = sample_sde(score, sde, x, steps=8, solver="ancestral",
+                             brownian=lambda t0, t1: next(draws) * (t1 - t0).abs().sqrt())
+            outs.append((sampler(x, noise=noise).x, ref.x))
+
+    assert graphs_compiled_by(calls) == 1
+    for got, ref in outs:
+        assert (got - ref).abs().max().item() < 1e-10
