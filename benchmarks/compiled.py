@@ -128,8 +128,9 @@ def main(argv=None):
     mode = "reduce-overhead (CUDA graphs)" if cuda else "Inductor default"
     meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "threads": torch.get_num_threads(),
             "mode": mode, "repeats": args.repeats,
-            "inductor_cache": "usual folder" if args.keep_cache else "fresh temporary folder, after an untimed warm-up", "model": f"MLP {DIM}+16 time features -> hidden -> hidden -> "
-            f"{DIM}, SiLU, float32", "cpu": platform.processor() or platform.machine(),
+            "inductor_cache": "usual folder" if args.keep_cache else "fresh temporary folder, after an untimed warm-up",
+            "model": f"MLP {DIM}+16 time features -> hidden -> hidden -> {DIM}, SiLU, float32",
+            "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(device) if cuda else None, "torch": torch.__version__}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

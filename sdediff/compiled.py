@@ -19,15 +19,14 @@ import torch
 
 from . import _checks
 from ._tensors import checksum
-from .grids import time_grid
-from .integrate import Solution, _raise_nonfinite
+from .integrate import Solution, _raise_nonfinite, advance
 from .reverse import ReverseProcess
-from .sampling import DEFAULT_ODE_SOLVER, DEFAULT_ODE_STEPS, DEFAULT_T_END
+from .sampling import DEFAULT_ODE_SOLVER, _solver_grid
 from .sdes import SDE, check_sde
 from .solvers.base import get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver
 
-DEFAULT_COMPILED_SDE_STEPS = 50  # not sample_sde's 1000: the traced loop is unrolled
+DEFAULT_STEPS = 50  # for both (not sample_sde's 1000): the traced loop is unrolled
 MODES = ("auto", None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -43,7 +42,7 @@ def _own_code(fn):
 class _CompiledSampler:
     """Validation, the grid, one compiled program per (device, dtype, shape, mode) and the checked call.
 
-    Subclasses build the term (probability-flow ODE or reverse SDE) and give ``_step``.
+    Subclasses build the term (probability-flow ODE or reverse SDE) and give ``_increment``.
     """
 
     kind = ""
@@ -61,24 +60,20 @@ class _CompiledSampler:
         self.sde, self.solver, self.term = sde, solver, term
         self.mode, self.backend, self.fullgraph = mode, backend, bool(fullgraph)
         solver.check_term(term)
-        if isinstance(grid, torch.Tensor):
-            if t_start is not None or t_end is not None:
-                raise ValueError("t_start and t_end are set by the grid tensor; do not pass them with it")
-            steps = len(grid) - 1
-        grid = solver.default_grid if grid is None else grid
-        t_end = DEFAULT_T_END if t_end is None and not isinstance(grid, torch.Tensor) else t_end
-        self.ts = time_grid(sde, steps, grid=grid, t_start=t_start, t_end=t_end)  # float64, validated
+        self.ts = _solver_grid(sde, solver, steps, DEFAULT_STEPS, t_start, t_end, grid)  # float64, validated
         self.steps = len(self.ts) - 1
         self._programs: dict = {}  # (device, dtype, shape, mode) -> (grid, compiled loop)
 
-    def _step(self, x, t0, t1, state, i, noise):
-        raise NotImplementedError
+    def _increment(self, i, t0, t1, noise):
+        """Step ``i``'s Brownian increment (None for ODEs and noise-free steps)."""
+        return None
 
     def _loop(self, x, noise, ts, state):
         times = ts.unbind()
         sums = []
         for i in range(len(times) - 1):
-            x, state = self._step(x, times[i], times[i + 1], state, i, noise)
+            x, state = advance(self.solver, self.term, x, times[i], times[i + 1], state,
+                               self._increment(i, times[i], times[i + 1], noise))
             sums.append(checksum(x))
         return x, torch.stack(sums)
 
@@ -141,18 +136,13 @@ class CompiledODESampler(_CompiledSampler):
 
     kind = "ode"
 
-    def __init__(self, score_fn, sde: SDE, *, steps: int = DEFAULT_ODE_STEPS, solver=DEFAULT_ODE_SOLVER,
+    def __init__(self, score_fn, sde: SDE, *, steps: int | None = None, solver=DEFAULT_ODE_SOLVER,
                  grid=None, t_start: float | None = None, t_end: float | None = None, mode="auto",
                  backend: str = "inductor", fullgraph: bool = True):
         check_sde(sde)
         term = ReverseProcess(sde, _checks.callable_("score_fn", score_fn), 0.0).ode_term()
         super().__init__(term, sde, steps=steps, solver=solver, grid=grid, t_start=t_start, t_end=t_end,
                          mode=mode, backend=backend, fullgraph=fullgraph)
-
-    def _step(self, x, t0, t1, state, i, noise):
-        if self.solver.multistep:
-            return self.solver.step(self.term, x, t0, t1, state)
-        return self.solver.step(self.term, x, t0, t1), state
 
     def __call__(self, x: torch.Tensor) -> Solution:
         """Integrate from ``x: (batch, *dims)`` at the grid's first time to its last."""
@@ -173,7 +163,7 @@ class CompiledSDESampler(_CompiledSampler):
 
     kind = "sde"
 
-    def __init__(self, score_fn, sde: SDE, *, steps: int = DEFAULT_COMPILED_SDE_STEPS, solver="euler_maruyama",
+    def __init__(self, score_fn, sde: SDE, *, steps: int | None = None, solver="euler_maruyama",
                  stochasticity: float = 1.0, grid=None, t_start: float | None = None, t_end: float | None = None,
                  noise_free_last_step: bool = True, mode="auto", backend: str = "inductor", fullgraph: bool = True):
         check_sde(sde)
@@ -182,12 +172,10 @@ class CompiledSDESampler(_CompiledSampler):
         super().__init__(term, sde, steps=steps, solver=solver, grid=grid, t_start=t_start, t_end=t_end,
                          mode=mode, backend=backend, fullgraph=fullgraph)
 
-    def _step(self, x, t0, t1, state, i, noise):
-        last = i == self.steps - 1
-        dw = None if (last and self.noise_free_last_step) else noise[i] * (t1 - t0).abs().sqrt()
-        if self.solver.multistep:
-            return self.solver.step(self.term, x, t0, t1, dw, state)
-        return self.solver.step(self.term, x, t0, t1, dw), state
+    def _increment(self, i, t0, t1, noise):
+        if self.noise_free_last_step and i == self.steps - 1:
+            return None
+        return noise[i] * (t1 - t0).abs().sqrt()
 
     def __call__(self, x: torch.Tensor, *, generator=None, noise=None) -> Solution:
         """Integrate from ``x: (batch, *dims)``; ``noise``: optional standard normals ``(steps, batch, *dims)``."""

@@ -175,17 +175,10 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
             for _ in range(corrector.n_steps):
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 x = corrector.step(term.process, x, t0, z)
-        if isinstance(solver, ODESolver):
-            if multistep:
-                x, state = solver.step(term, x, t0, times[i + 1], state)
-            else:
-                x = solver.step(term, x, t0, times[i + 1])
-        elif solver is not None:
-            dw = None if (noise_free_last_step and i == steps - 1) else brownian(t0, times[i + 1])
-            if multistep:
-                x, state = solver.step(term, x, t0, times[i + 1], dw, state)
-            else:
-                x = solver.step(term, x, t0, times[i + 1], dw)
+        if solver is not None:
+            noisy = isinstance(solver, SDESolver) and not (noise_free_last_step and i == steps - 1)
+            dw = brownian(t0, times[i + 1]) if noisy else None
+            x, state = advance(solver, term, x, t0, times[i + 1], state, dw)
         if projection is not None:
             x = projection(x, times[i + 1] if solver is not None else t0)
         checksums.append(checksum(x))
@@ -195,6 +188,17 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
     if not bool(finite.all()):  # the one host sync of the loop
         _raise_nonfinite(int((~finite).nonzero()[0]), ts, corrector_only=solver is None)
     return Solution(x, ts, torch.stack(xs) if xs is not None else None, counter.count)
+
+
+def advance(solver, term, x, t0, t1, state=None, dw=None):
+    """One step of a fixed-step ``solver`` from ``t0`` to ``t1``: ``(x1, state)``.
+
+    ``dw``: the Brownian increment of an SDE solver (None: the noise-free step); ``state``: a
+    multistep solver's (passed through unchanged for the others).
+    """
+    if isinstance(solver, ODESolver):
+        return solver.step(term, x, t0, t1, state) if solver.multistep else (solver.step(term, x, t0, t1), state)
+    return solver.step(term, x, t0, t1, dw, state) if solver.multistep else (solver.step(term, x, t0, t1, dw), state)
 
 
 def _increments(brownian, x, ts, generator):

@@ -48,9 +48,9 @@ def _start(score_fn, sde, x, generator, device, dtype):
     return _checks.batched("x", x), _ScoreMonitor(score_fn)
 
 
-def _prepare(score_fn, sde, x, solver, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
-    """``_start``, then the time grid: ``grid=None`` takes the solver's ``default_grid``."""
-    x, monitor = _start(score_fn, sde, x, generator, device, dtype)
+def _solver_grid(sde, solver, steps, default_steps, t_start, t_end, grid, dtype=torch.float64, device=None):
+    """The time grid of a sampler: ``grid=None`` takes the solver's ``default_grid``; a grid tensor
+    sets ``t_start`` and ``t_end`` itself; otherwise ``steps`` and ``t_end`` get their defaults."""
     if grid is None:
         grid = solver.default_grid if solver is not None else "uniform"
     if isinstance(grid, torch.Tensor):
@@ -59,7 +59,13 @@ def _prepare(score_fn, sde, x, solver, steps, default_steps, t_start, t_end, gri
     else:
         steps = default_steps if steps is None else steps
         t_end = DEFAULT_T_END if t_end is None else t_end
-    ts = time_grid(sde, steps, grid=grid, t_start=t_start, t_end=t_end, dtype=x.dtype, device=x.device)
+    return time_grid(sde, steps, grid=grid, t_start=t_start, t_end=t_end, dtype=dtype, device=device)
+
+
+def _prepare(score_fn, sde, x, solver, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
+    """``_start``, then the time grid (:func:`_solver_grid`) in ``x``'s dtype and device."""
+    x, monitor = _start(score_fn, sde, x, generator, device, dtype)
+    ts = _solver_grid(sde, solver, steps, default_steps, t_start, t_end, grid, x.dtype, x.device)
     return x, ts, monitor
 
 

@@ -133,6 +133,7 @@ def test_non_finite_state_names_the_step():
     (dict(backend=3), "backend must be"),
     (dict(grid=torch.tensor([1.0, 0.5, 0.1]), t_end=0.1), "set by the grid tensor"),
     (dict(steps=0), "steps must be"),
+    (dict(grid=torch.tensor([1.0, 0.5, 0.1]), steps=5), "disagrees with the grid"),  # as sample_ode
 ])
 def test_bad_arguments(kwargs, message):
     sde = VPSDE()
