@@ -163,6 +163,7 @@ res = sd.evaluate(gm.score_fn(sde), sde, loader, progress=False)
 if dist.get_rank() == 0:
     json.dump({"mean": res.mean, "stderr": res.stderr, "count": res.count, "world": dist.get_world_size()},
               open(sys.argv[1], "w"))
+dist.barrier()  # both ranks done before the teardown: without it, gloo sometimes aborted a rank at exit
 dist.destroy_process_group()
 """
 
