@@ -9,6 +9,7 @@ exact Gaussian-mixture test bed.
 """
 
 from .analytic import GaussianMixture
+from .calibration import GridCalibration, calibrate_grid
 from .classic import sample_ald, sample_ddim, sample_ddpm, sample_pc
 from .compiled import CompiledODESampler, CompiledSDESampler
 from .consistency import (ConsistencyFunction, consistency_distillation_loss, consistency_training_loss, ema_update,
@@ -37,6 +38,7 @@ __all__ = [
     "SDE", "VPSDE", "SubVPSDE", "VESDE", "EDMSDE", "ReverseProcess",
     "Schedule", "LinearSchedule", "CosineSchedule", "DiscreteSchedule",
     "sample_ode", "sample_sde", "CompiledODESampler", "CompiledSDESampler", "integrate", "Solution", "NonFiniteError", "time_grid", "discrete_time_grid",
+    "calibrate_grid", "GridCalibration",
     "sample_ddpm", "sample_ddim", "sample_ald", "sample_pc", "Corrector", "LangevinCorrector", "AnnealedLangevin",
     "ODETerm", "SDETerm", "Solver", "ODESolver", "SDESolver", "available_solvers", "get_solver", "register_solver",
     "GaussianMixture", "as_score_fn", "score_from_eps", "score_from_x0", "score_from_v", "discrete_score_fn",
