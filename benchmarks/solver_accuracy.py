@@ -30,6 +30,9 @@ Solvers, each at NFE 5, 10, 20, 50, 100 (steps = NFE // evaluations per step):
 
 * sdediff: every registered fixed-step ODE solver (``available_solvers("ode")``, adaptive ones
   skipped) on the grids ``uniform``, ``log_snr``, ``karras``, ``quadratic``.
+  At 5, 10 and 20 NFE also on grids calibrated by ``sdediff.calibrate_grid`` on pilot draws of
+  another seed, and the peers again on those grids (``calibrated_grids.py``; ``--no-calibrate``
+  skips them).
 * k-diffusion: euler, heun, dpm_2, lms, dpmpp_2m, dpm_fast, run in the VE variables
   (``x / alpha``, ``sigma / alpha``) with the exact denoiser ``D = (x + sigma^2 score) / alpha``,
   and sigmas ending at ``sigma_VE(t_end)``. k-diffusion's ``get_sigmas_*`` append a final 0; it is
@@ -78,16 +81,13 @@ import torch
 import sdediff
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import calibrated_grids  # noqa: E402
 import peers  # noqa: E402
+from problems import (BETAS, F64, N_TRAIN, REF_TOL, SCHEDULE, SDE, T_END, T_START,  # noqa: E402
+                      _alpha, make_problem, reference, rmse, sigma_ve)
 
-F64 = torch.float64
-N_TRAIN = 1000
-BETAS = torch.linspace(1e-4, 0.02, N_TRAIN, dtype=F64)
-SDE = sdediff.VPSDE.from_betas(BETAS)
-T_START, T_END = 1.0, 1.0 / N_TRAIN
 NFES = (5, 10, 20, 50, 100)
 GRIDS = tuple(getattr(sdediff.grids, "GRIDS", ("uniform", "log_snr", "karras", "quadratic")))  # sdediff's named grids
-REF_TOL = 1e-10
 RMSE_DEFINITION = ("RMSE = sqrt(mean over the batch and all coordinates of (x - x_ref)^2), x at t_end in the "
                    "VP variables")
 
@@ -98,64 +98,6 @@ KD_GRIDS = ("karras", "exponential", "uniform", "quadratic")
 DPM_CONFIGS = [(algo, order, kind, lof) for algo in ("dpmsolver++", "dpmsolver") for order in (2, 3)
                for kind in ("midpoint", "heun") for lof in (True, False)]
 UNIPC_CONFIGS = [(order, kind, lof) for order in (2, 3) for kind in ("bh1", "bh2") for lof in (True, False)]
-
-
-# --------------------------------------------------------------------------------------------
-# problems and reference
-# --------------------------------------------------------------------------------------------
-
-def make_problem(name: str, batch: int | None, seed: int):
-    if name == "ring2d":
-        k = 8
-        angles = torch.arange(k, dtype=F64) * (2 * math.pi / k)
-        means = 2.0 * torch.stack([angles.cos(), angles.sin()], 1)
-        gm = sdediff.GaussianMixture(torch.full((k,), 1.0 / k, dtype=F64), means, 0.03)
-        desc = "2-D, 8 equal components on a circle of radius 2, std 0.03"
-        default_batch = 256
-    elif name == "mix64d":
-        g = torch.Generator().manual_seed(1234)
-        k, d = 8, 64
-        weights = torch.tensor([0.30, 0.20, 0.15, 0.10, 0.10, 0.07, 0.05, 0.03], dtype=F64)
-        directions = torch.randn(k, d, generator=g, dtype=F64)
-        norms = 3.0 + 2.0 * torch.rand(k, 1, generator=g, dtype=F64)
-        means = directions / directions.norm(dim=1, keepdim=True) * norms
-        stds = 0.1 + 0.4 * torch.rand(k, generator=g, dtype=F64)
-        gm = sdediff.GaussianMixture(weights, means, stds)
-        desc = ("64-D, 8 components, weights 0.30/0.20/0.15/0.10/0.10/0.07/0.05/0.03, mean norms 3-5, "
-                "isotropic stds 0.1-0.5 (seed 1234)")
-        default_batch = 128
-    else:
-        raise ValueError(f"unknown problem {name!r}")
-    batch = default_batch if batch is None else batch
-    x_T = SDE.prior_sample((batch, gm.dim), generator=torch.Generator().manual_seed(seed), dtype=F64)
-    params = {"weights": gm.weights.tolist(), "means": gm.means.tolist(), "stds": gm.stds[:, 0].tolist()}
-    return {"name": name, "description": desc, "gm": gm, "x_T": x_T, "batch": batch, "dim": gm.dim,
-            "params": params}
-
-
-def _alpha(t: float) -> torch.Tensor:
-    return SDE.marginal(torch.tensor(t, dtype=F64))[0]
-
-
-def sigma_ve(t) -> torch.Tensor:
-    alpha, sigma = SDE.marginal(torch.as_tensor(t, dtype=F64))
-    return sigma / alpha
-
-
-def reference(score_fn, x_T, tol):
-    """The PF-ODE solution at ``t_end`` from ``x_T``, by dopri5 in ``u = log sigma_VE`` (smooth there)."""
-    denoise = peers.ve_denoiser(score_fn, SDE)
-
-    def field(x_ve, u):
-        return x_ve - denoise(x_ve, torch.exp(u).expand(x_ve.shape[0]))
-
-    us = torch.log(torch.stack([sigma_ve(T_START), sigma_ve(T_END)]))
-    sol = sdediff.integrate(sdediff.ODETerm(field), x_T / _alpha(T_START), us, solver="dopri5", rtol=tol, atol=tol)
-    return _alpha(T_END) * sol.x, sol.nfe
-
-
-def rmse(x, ref) -> float:
-    return float(((x - ref) ** 2).mean().sqrt())
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,9 +182,6 @@ def _diffusers_loop(sched, model, x_T):
     for t in sched.timesteps:
         x = sched.step(model(x, t), t, x, return_dict=False)[0]
     return x.as_subclass(torch.Tensor)
-
-
-SCHEDULE = dict(num_train_timesteps=N_TRAIN, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
 def diffusers_configs(dif, counter, score_fn, x_T, grids, dpm_configs, unipc_configs, lms=True, ddim=True,
@@ -387,7 +326,11 @@ def sweep(problem, args, log):
         log(f"  check: dopri5 in t (as sample_ode), tol {REF_TOL:g}: {sol.nfe} NFE, RMSE to the reference "
             f"{rmse(sol.x, ref):.2e}")
 
-    sources = [("sdediff", lambda: sdediff_configs(counter, x_T, grids), counter)]
+    calibrated, check["calibration"] = {}, []
+    if args.calibrate:
+        calibrated, check["calibration"] = calibrated_grids.calibrate(problem, exact_score, args.seed, log=log)
+    sources = [("sdediff", lambda: sdediff_configs(counter, x_T, grids), counter),
+               ("sdediff", lambda: calibrated_grids.sdediff_configs(counter, x_T, calibrated), counter)]
     try:
         import torchdiffeq  # noqa: F401
         methods = [("euler", {}), ("rk4", {})] if quick else TORCHDIFFEQ_METHODS
@@ -402,6 +345,8 @@ def sweep(problem, args, log):
         counted_denoiser = peers.CallCounter(peers.ve_denoiser(exact_score, SDE))
         sources.append(("k-diffusion", lambda: kdiffusion_configs(kd, counted_denoiser, x_T, kgrids, KD_SAMPLERS),
                         counted_denoiser))
+        sources.append(("k-diffusion", lambda: calibrated_grids.kdiffusion_configs(kd, counted_denoiser, x_T,
+                                                                                   calibrated), counted_denoiser))
     dif = peers.load_diffusers()
     warnings.filterwarnings("ignore", category=FutureWarning, module="diffusers")  # algorithm_type="dpmsolver"
     if dif is None:
@@ -413,14 +358,19 @@ def sweep(problem, args, log):
         continuous = ("karras",) if quick else ("karras", "lu", "exponential")
         sources.append(("diffusers", lambda: diffusers_configs(dif, eps_counter, exact_score, x_T, grids, dpm, unipc,
                                                                continuous=continuous), eps_counter))
+        sources.append(("diffusers", lambda: calibrated_grids.diffusers_configs(dif, eps_counter, exact_score, x_T,
+                                                                                calibrated, dpm, unipc), eps_counter))
 
     for lib, make, cnt in sources:
         t_lib, n_runs = time.perf_counter(), 0
         for config, run in make():
             for budget in nfes:
+                if "nfes" in config and budget not in config["nfes"]:  # a calibrated grid exists at these only
+                    continue
                 per_step = config["evals_per_step"] or 1
                 steps = budget // per_step if config["solver"] != "dpm_fast" else budget
-                row = dict(problem=problem["name"], **{k: v for k, v in config.items() if k != "evals_per_step"},
+                row = dict(problem=problem["name"], **{k: v for k, v in config.items()
+                                                       if k not in ("evals_per_step", "nfes")},
                            nfe_budget=budget)
                 if steps < 1:
                     continue
@@ -469,16 +419,32 @@ def _sample_ode_default():
     return {"solver": solver, "grid": grid}
 
 
+def _calibrated(row) -> bool:
+    return row["grid"].startswith("calibrated")
+
+
 def summary(rows, problems, nfes):
+    """Per problem and NFE: the best sdediff run and the best peer run on the peers' own and sdediff's standard
+    grids (``ratio``, the target's); the best sdediff run without calibrated grids (``ratio_standard``); and the
+    best peer on sdediff's calibrated grids, transferred (``ratio_transferred``: how much is the grid's)."""
+    def entry(r):
+        return None if r is None else {"config": label(r), "rmse": r["rmse"], "nfe": r["nfe"]}
+
+    def ratio(a, b):
+        return None if a is None or b is None else a["rmse"] / b["rmse"]
+
     out = []
     for p in problems:
         pr = [r for r in rows if r["problem"] == p]
+        sdediff_rows = [r for r in pr if r["library"] == "sdediff"]
+        peer_rows = [r for r in pr if r["library"] != "sdediff"]
         for budget in nfes:
-            s, q = best(pr, budget, libraries=("sdediff",)), best(pr, budget, exclude="sdediff")
-            out.append({"problem": p, "nfe": budget,
-                        "sdediff": None if s is None else {"config": label(s), "rmse": s["rmse"], "nfe": s["nfe"]},
-                        "peer": None if q is None else {"config": label(q), "rmse": q["rmse"], "nfe": q["nfe"]},
-                        "ratio": None if s is None or q is None else s["rmse"] / q["rmse"]})
+            s, q = best(sdediff_rows, budget), best([r for r in peer_rows if not _calibrated(r)], budget)
+            s_std = best([r for r in sdediff_rows if not _calibrated(r)], budget)
+            q_cal = best([r for r in peer_rows if _calibrated(r) and r["nfe_budget"] == budget], budget)
+            out.append({"problem": p, "nfe": budget, "sdediff": entry(s), "peer": entry(q), "ratio": ratio(s, q),
+                        "sdediff_standard": entry(s_std), "ratio_standard": ratio(s_std, q),
+                        "peer_transferred": entry(q_cal), "ratio_transferred": ratio(s, q_cal)})
     return out
 
 
@@ -504,14 +470,33 @@ def write_markdown(path, result):
                   f"RMS of the reference samples: {c['rms_of_reference']:.2f}.", "",
                   f"`sample_ode`'s default (`solver={default['solver']!r}`, its default grid "
                   f"`{default['grid']!r}`): {d_line}.", "",
-                  "| NFE | best sdediff | RMSE | best peer | RMSE | ratio |", "|---:|---|---:|---|---:|---:|"]
+                  "Columns: the best sdediff run (calibrated grids included) against the best peer on its own and "
+                  "sdediff's standard grids (ratio: the target's); the best sdediff run on a standard grid (ratio "
+                  "std); the best peer run on sdediff's calibrated grids, transferred (ratio cal: sdediff over it).",
+                  "",
+                  "| NFE | best sdediff | RMSE | best peer | RMSE | ratio | best sdediff, standard grid | RMSE "
+                  "| ratio std | best peer on a calibrated grid | RMSE | ratio cal |",
+                  "|---:|---|---:|---|---:|---:|---|---:|---:|---|---:|---:|"]
         for s in result["summary"]:
             if s["problem"] != name:
                 continue
-            a, b = s["sdediff"], s["peer"]
-            fmt = lambda e: ("-", "-") if e is None else (f"`{e['config']}`" + (f" ({e['nfe']} NFE)" if e["nfe"] != s["nfe"] else ""), f"{e['rmse']:.2e}")  # noqa: E731
-            ratio = "-" if s["ratio"] is None else f"{s['ratio']:.2f}"
-            lines.append(f"| {s['nfe']} | {fmt(a)[0]} | {fmt(a)[1]} | {fmt(b)[0]} | {fmt(b)[1]} | {ratio} |")
+            def fmt(e, nfe=s["nfe"]):
+                if e is None:
+                    return ["-", "-"]
+                return [f"`{e['config']}`" + (f" ({e['nfe']} NFE)" if e["nfe"] != nfe else ""), f"{e['rmse']:.2e}"]
+
+            def rat(v):
+                return "-" if v is None else f"{v:.2f}"
+            cells = [str(s["nfe"])] + fmt(s["sdediff"]) + fmt(s["peer"]) + [rat(s["ratio"])] \
+                + fmt(s["sdediff_standard"]) + [rat(s["ratio_standard"])] + fmt(s["peer_transferred"]) \
+                + [rat(s["ratio_transferred"])]
+            lines.append("| " + " | ".join(cells) + " |")
+        cal = p["reference_check"].get("calibration") or []
+        if cal:
+            lines += ["", "Calibrations (`sdediff.calibrate_grid` on pilot draws of another seed):", ""]
+            lines += [f"- `{c['solver']}`, {c['steps']} steps, {c['pilot']} pilot draws: pilot RMSE "
+                      f"{c['pilot_rmse_initial']:.2e} -> {c['pilot_rmse']:.2e}, {c['runs']} runs, {c['nfe']} NFE, "
+                      f"{c['seconds']} s" for c in cal]
         lines.append("")
     nfes = result["meta"]["nfes"]
     for name in result["problems"]:
@@ -558,11 +543,16 @@ def plot(path, result):
                                                                 and r["library"] == "sdediff"], n))]
             if pts:
                 ax.loglog(*zip(*pts), "-", color=cmap(i % 20), lw=1.0, alpha=0.8, label=f"sdediff {solver}")
-        for lib, color in colors.items():  # envelope of each library
-            pts = [(n, b["rmse"]) for n in nfes if (b := best(rows, n, libraries=(lib,)))]
+        for lib, color in colors.items():  # envelope of each library (peers on their own and standard grids)
+            pts = [(n, b["rmse"]) for n in nfes if (b := best([r for r in rows if lib == "sdediff"
+                                                               or not _calibrated(r)], n, libraries=(lib,)))]
             if pts:
                 ax.loglog(*zip(*pts), "o-" if lib == "sdediff" else "s--", color=color, lw=2.5,
                           label=f"best {lib}", zorder=5)
+        pts = [(n, b["rmse"]) for n in nfes if (b := best([r for r in rows if not _calibrated(r)], n,
+                                                           libraries=("sdediff",)))]
+        if pts and any(_calibrated(r) for r in rows):
+            ax.loglog(*zip(*pts), "o:", color="black", lw=1.5, label="best sdediff, standard grids", zorder=4)
         ax.set_title(f"{name}: {result['problems'][name]['description']}", fontsize=9)
         ax.set_xlabel("NFE (score evaluations)")
         ax.set_ylabel("pathwise RMSE at t_end")
@@ -590,6 +580,8 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=None, help="samples per problem (default 256 / 128; 32 with --quick)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prior draws x_T")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="skip the calibrated grids (sdediff.calibrate_grid; about 5 min; also skipped with --quick)")
     p.add_argument("--t-check", action="store_true",
                    help="also solve in t with dopri5 at the same tolerance, as sample_ode(solver='dopri5') does, "
                         "and report its distance from the reference (about 1e5 NFE: minutes per problem)")
@@ -598,6 +590,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.calibrate = args.calibrate and not args.quick
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(F64)  # peers build their grids with the default dtype (k-diffusion's linspace, ...)
     out = Path(args.out_dir)
@@ -631,12 +624,14 @@ def main(argv=None):
     write_markdown(out / "solver_accuracy.md", result)
     plot(out / "solver_accuracy.png", result)
     log("")
-    log(f"{'problem':8s} {'NFE':>4s}  {'best sdediff':58s} {'RMSE':>9s}  {'best peer':58s} {'RMSE':>9s} {'ratio':>6s}")
+    log(f"{'problem':8s} {'NFE':>4s}  {'best sdediff':58s} {'RMSE':>9s}  {'best peer':58s} {'RMSE':>9s} {'ratio':>6s} "
+        f"{'std':>6s} {'cal':>6s}")
+    nan = {"config": "-", "rmse": float("nan")}
     for s in result["summary"]:
-        a, b = s["sdediff"] or {"config": "-", "rmse": float("nan")}, s["peer"] or {"config": "-", "rmse": float("nan")}
-        ratio = float("nan") if s["ratio"] is None else s["ratio"]
+        a, b = s["sdediff"] or nan, s["peer"] or nan
+        r = [float("nan") if s[k] is None else s[k] for k in ("ratio", "ratio_standard", "ratio_transferred")]
         log(f"{s['problem']:8s} {s['nfe']:4d}  {a['config'][:58]:58s} {a['rmse']:9.2e}  {b['config'][:58]:58s} "
-            f"{b['rmse']:9.2e} {ratio:6.2f}")
+            f"{b['rmse']:9.2e} {r[0]:6.2f} {r[1]:6.2f} {r[2]:6.2f}")
     log(f"\nwrote {out}/solver_accuracy.{{json,md,png}} in {result['meta']['seconds']:.0f} s")
 
 

@@ -1,0 +1,129 @@
+"""Calibrated grids for ``solver_accuracy.py``: fit them on pilot draws, then run sdediff and the peers on them.
+
+``sdediff.calibrate_grid`` fits a grid per solver and step count on a pilot batch of prior draws
+(another seed than the benchmark's batch), so the benchmark measures how it generalizes to new
+draws. The same grids are then handed to the peers whose samplers make one model call per step
+and take any grid: k-diffusion's (sigmas) and diffusers' multistep schedulers (their sigmas set
+directly, the exact eps evaluated at them as for a continuous-time model). Those runs are
+labelled ``transferred``: they show how much of the gain is the grid rather than the solver.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+import sdediff
+
+import peers
+import problems as sa
+
+# solver: the NFEs it is calibrated at (above 20 the standard grids already reach the target): sample_ode's
+# default, and at 20 the solver that is best there on a standard grid
+SOLVERS = {"unipc": (5, 10, 20), "unipc_4_t": (20,)}
+PILOT = {"ring2d": 1024, "mix64d": 256}  # draws; 256 on ring2d gave a grid 5x worse on one held-out batch
+MAX_RUNS = 1000  # per calibration, below calibrate_grid's default 150 * steps above 6 steps (mix64d's score is slow)
+PILOT_SEED_OFFSET = 1000
+KD_SAMPLERS = ("euler", "lms", "dpmpp_2m")  # one model call per step
+
+
+def label(solver: str) -> str:
+    return f"calibrated for {solver}"
+
+
+def calibrate(problem, score_fn, seed: int, solvers=None, log=print):
+    """``({label: {steps: grid}}, [record])``: one grid per solver and NFE (``solvers``: as ``SOLVERS``), fitted on
+    pilot draws."""
+    pilot = sa.SDE.prior_sample((PILOT[problem["name"]], problem["dim"]),
+                                generator=torch.Generator().manual_seed(seed + PILOT_SEED_OFFSET), dtype=sa.F64)
+    reference, _ = sa.reference(score_fn, pilot, sa.REF_TOL)  # exact, not calibrate_grid's default high-order solve
+    grids, records = {}, []
+    for solver, nfes in (SOLVERS if solvers is None else solvers).items():
+        per_step = sdediff.available_solvers("ode")[solver].evals_per_step
+        for nfe in nfes:
+            steps = nfe // per_step
+            if steps < 2:
+                continue
+            t0 = time.perf_counter()
+            cal = sdediff.calibrate_grid(score_fn, sa.SDE, pilot, steps, solver=solver, reference=reference,
+                                         t_start=sa.T_START, t_end=sa.T_END, max_runs=min(MAX_RUNS, 150 * steps))
+            seconds = time.perf_counter() - t0
+            grids.setdefault(label(solver), {})[steps] = cal.grid
+            records.append(dict(solver=solver, steps=steps, pilot=len(pilot), runs=cal.runs, nfe=cal.nfe,
+                                seconds=round(seconds, 1), pilot_rmse_initial=cal.initial_rmse, pilot_rmse=cal.rmse,
+                                grid=cal.grid.tolist()))
+            log(f"  calibrated {solver} at {steps} steps on {len(pilot)} pilot draws: pilot RMSE "
+                f"{cal.initial_rmse:.2e} -> {cal.rmse:.2e} ({cal.runs} runs, {cal.nfe} NFE, {seconds:.0f} s)")
+    return grids, records
+
+
+def sdediff_configs(counter, x_T, grids):
+    for name, by_steps in grids.items():
+        solver = name.removeprefix("calibrated for ")
+        per_step = sdediff.available_solvers("ode")[solver].evals_per_step
+        for other in sdediff.available_solvers("ode"):  # every 1-call solver on it, the one it was fitted for first
+            info = sdediff.available_solvers("ode")[other]
+            if info.adaptive or info.evals_per_step != per_step or (other != solver and other not in
+                                                                     ("dpmpp_2m", "dpmpp_3m", "lms", "unipc_3")):
+                continue
+
+            def run(steps, other=other, by_steps=by_steps):
+                return sdediff.sample_ode(counter, sa.SDE, x_T, grid=by_steps[steps], solver=other).x
+            yield dict(library="sdediff", solver=other, grid=name, options="", evals_per_step=per_step,
+                       nfes=tuple(s * per_step for s in by_steps)), run
+
+
+def kdiffusion_configs(kd, counter, x_T, grids):
+    x_ve = x_T / sa._alpha(sa.T_START)
+    a_end = sa._alpha(sa.T_END)
+    for name, by_steps in grids.items():
+        for sampler_name in KD_SAMPLERS:
+            sampler = getattr(kd, f"sample_{sampler_name}")
+
+            def run(steps, sampler=sampler, by_steps=by_steps):
+                return a_end * sampler(counter, x_ve, sa.sigma_ve(by_steps[steps]).clone(), disable=True)
+            yield dict(library="k-diffusion", solver=sampler_name, grid=f"{name} (transferred)", options="",
+                       evals_per_step=1, nfes=tuple(by_steps)), run
+
+
+def diffusers_configs(dif, counter, score_fn, x_T, grids, dpm_configs, unipc_configs):
+    """DPMSolverMultistep and UniPCMultistep on the calibrated sigmas, run as ``solver_accuracy``'s continuous loop."""
+    abar = torch.cumprod(1.0 - sa.BETAS, 0)
+    sigma_min = peers.ve_sigma(abar[0])
+
+    def loop(sched, sigmas):
+        steps = len(sigmas) - 1
+        sched.set_timesteps(steps + 1)  # steps + 1 distinct timesteps, then our sigmas and the final one
+        sched.sigmas = torch.cat([sigmas, sigma_min.reshape(1)])
+        counter.fn = peers.continuous_eps_model(score_fn, sa.SDE, sched)
+        x = x_T.clone().as_subclass(peers.KeepFloat64)
+        for t in sched.timesteps[:steps]:  # stop at sigmas[steps] = sigma(t_end), as the continuous loop does
+            x = sched.step(counter(x, t), t, x, return_dict=False)[0]
+        return x.as_subclass(torch.Tensor)
+
+    for name, by_steps in grids.items():
+        grid = f"{name} (transferred)"
+        nfes = tuple(by_steps)
+        for algo, order, kind, lof in dpm_configs:
+            opts = f"{algo}, order {order}, {kind}" + ("" if lof else ", lower_order_final=False")
+
+            def run(steps, algo=algo, order=order, kind=kind, lof=lof, by_steps=by_steps):
+                sched = dif.DPMSolverMultistepScheduler(**sa.SCHEDULE, solver_order=order, algorithm_type=algo,
+                                                        solver_type=kind, final_sigmas_type="sigma_min",
+                                                        lower_order_final=lof, use_karras_sigmas=True)
+                peers.float64_scheduler(sched, sa.BETAS)
+                return loop(sched, sa.sigma_ve(by_steps[steps]))
+            yield dict(library="diffusers", solver="DPMSolverMultistep", grid=grid, options=opts, evals_per_step=1,
+                       nfes=nfes), run
+        for order, kind, lof in unipc_configs:
+            opts = f"order {order}, {kind}" + ("" if lof else ", lower_order_final=False")
+
+            def run(steps, order=order, kind=kind, lof=lof, by_steps=by_steps):
+                sched = dif.UniPCMultistepScheduler(**sa.SCHEDULE, solver_order=order, solver_type=kind,
+                                                    final_sigmas_type="sigma_min", lower_order_final=lof,
+                                                    use_karras_sigmas=True)
+                peers.float64_scheduler(sched, sa.BETAS)
+                return loop(sched, sa.sigma_ve(by_steps[steps]))
+            yield dict(library="diffusers", solver="UniPCMultistep", grid=grid, options=opts, evals_per_step=1,
+                       nfes=nfes), run
