@@ -74,10 +74,17 @@ def sdediff_configs(counter, x_T, grids):
                        nfes=tuple(s * per_step for s in by_steps)), run
 
 
+def _one_call_grids(grids):
+    """The grids fitted for solvers of one score call per step: a peer with one call per step runs ``steps``
+    steps of them at ``steps`` NFE (the others would need a grid of another length)."""
+    one_call = {name for name, info in sdediff.available_solvers("ode").items() if info.evals_per_step == 1}
+    return {name: by_steps for name, by_steps in grids.items() if name.removeprefix("calibrated for ") in one_call}
+
+
 def kdiffusion_configs(kd, counter, x_T, grids):
     x_ve = x_T / sa._alpha(sa.T_START)
     a_end = sa._alpha(sa.T_END)
-    for name, by_steps in grids.items():
+    for name, by_steps in _one_call_grids(grids).items():
         for sampler_name in KD_SAMPLERS:
             sampler = getattr(kd, f"sample_{sampler_name}")
 
@@ -102,7 +109,7 @@ def diffusers_configs(dif, counter, score_fn, x_T, grids, dpm_configs, unipc_con
             x = sched.step(counter(x, t), t, x, return_dict=False)[0]
         return x.as_subclass(torch.Tensor)
 
-    for name, by_steps in grids.items():
+    for name, by_steps in _one_call_grids(grids).items():
         grid = f"{name} (transferred)"
         nfes = tuple(by_steps)
         for algo, order, kind, lof in dpm_configs:

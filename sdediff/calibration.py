@@ -44,7 +44,8 @@ class GridCalibration(NamedTuple):
     ``rmse`` and ``initial_rmse``: the pilot batch's RMSE on it and on the initial grid;
     ``reference_error``: the reference's own RMSE, estimated from the same solve at half the
     steps (Richardson, with the reference solver's order; None for a given reference); ``runs``: the
-    solver runs of the search; ``nfe``: all score calls, reference included.
+    solver runs of the search (a grid rejected before solving counts, at no NFE); ``nfe``: all score
+    calls, reference included.
     """
 
     grid: torch.Tensor
@@ -74,7 +75,9 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
     when it is not below a tenth of the calibrated RMSE (the search would then fit the
     reference's own error). The search stops after ``max_runs`` solver runs (default
     ``150 * steps``) or at a stationary point, and returns the best grid it ran (the initial one
-    if nothing beat it).
+    if nothing beat it by more than round-off). ``x`` must be float32 or float64 (float64 is
+    better: see above); a solve on the initial grid that is not finite raises
+    :class:`~sdediff.NonFiniteError`. Errors of ``score_fn`` propagate.
     """
     check_sde(sde)
     _checks.callable_("score_fn", score_fn)
@@ -85,10 +88,25 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
         raise ValueError(f"steps must be >= 2 (a 1-step grid has no interior time to place), got {steps}")
     max_runs = 150 * steps if max_runs is None else _checks.positive_int("max_runs", max_runs)
     reference_steps = _checks.positive_int("reference_steps", reference_steps)
+    if reference_steps < 2:
+        raise ValueError(f"reference_steps must be >= 2 (its error is estimated from half the steps), "
+                         f"got {reference_steps}")
     if isinstance(x, (tuple, list, torch.Size)):
         x = sde.prior_sample(tuple(x), generator=generator, device=device, dtype=dtype)
     x = _checks.batched("x", x)
-    init = _solver_grid(sde, solver, steps, steps, t_start, t_end, init_grid)  # a grid tensor must have `steps`
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x must be float32 or float64 (the search differences errors), got {x.dtype}")
+    if reference is not None:
+        reference = _checks.float_tensor("reference", reference)
+        if reference.shape != x.shape:
+            raise ValueError(f"reference must have x's shape {tuple(x.shape)}, got {tuple(reference.shape)}")
+        if not bool(torch.isfinite(reference).all()):
+            raise ValueError("reference must be finite")
+        reference = reference.to(device=x.device, dtype=x.dtype)
+    try:  # a grid tensor must have `steps` steps
+        init = _solver_grid(sde, solver, steps, steps, t_start, t_end, init_grid)
+    except ValueError as err:
+        raise ValueError(f"init_grid: {err}") from None
     t_start, t_end = float(init[0]), float(init[-1])
 
     nfe = 0
@@ -106,11 +124,10 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
         reference_error = None
         if reference is None:
             reference = solve(None, reference_solver, reference_steps)
-            # Richardson: an order-p solve at n steps is off by (its distance from the n/2-step solve) / (2^p - 1)
-            halved = solve(None, reference_solver, max(1, reference_steps // 2))
-            reference_error = _rmse(halved, reference) / (2.0**reference_solver.order - 1.0)
-        elif not isinstance(reference, torch.Tensor) or reference.shape != x.shape:
-            raise ValueError(f"reference must be a tensor of x's shape {tuple(x.shape)}")
+            # Richardson: an order-p solve at n steps is off by (its distance from the m-step solve) / ((n/m)^p - 1)
+            half = reference_steps // 2
+            ratio = (reference_steps / half) ** reference_solver.order - 1.0
+            reference_error = _rmse(solve(None, reference_solver, half), reference) / ratio
 
         lam_start, lam_end = (float(v) for v in sde._log_snr(init[[0, -1]]))
         increments = sde._log_snr(init).diff() / (lam_end - lam_start)
@@ -124,19 +141,25 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
             return ts
 
         def log_rmse(theta):
+            ts = grid_of(theta)
+            if not bool((ts.diff() < 0).all()):  # increments that underflowed to 0 in t
+                return math.inf
             try:
-                err = _rmse(solve(grid_of(theta), solver), reference)
-            except (NonFiniteError, ValueError):  # a blow-up, or times that rounding made non-monotone
+                err = _rmse(solve(ts, solver), reference)
+            except NonFiniteError:  # the solver blew up on this grid; errors of score_fn propagate
                 return math.inf
             return math.log(err) if math.isfinite(err) and err > 0 else math.inf
 
         theta0 = (increments[:-1].log() - increments[-1].log()).tolist()
-        # forward differences: a step of about sqrt(round-off) balances truncation and noise
+        # forward differences: sqrt(eps) = 3.5e-4 balances truncation and round-off in float32; in float64
+        # 1e-6 did as well as its 1.5e-8
         step = max(1e-6, math.sqrt(torch.finfo(x.dtype).eps))
         theta, best, initial, runs = _search(log_rmse, theta0, max_runs, step)
-    initial = math.exp(initial)
-    rmse = math.exp(best)
-    if rmse >= initial:  # the search found nothing better: keep the initial grid exactly
+    if not math.isfinite(initial):
+        raise NonFiniteError(f"the solve on the initial grid is not finite (solver {solver.name!r}); "
+                             "give another init_grid")
+    initial, rmse = math.exp(initial), math.exp(best)
+    if rmse >= initial * (1.0 - 1e-6):  # nothing better beyond round-off: keep the initial grid exactly
         grid, rmse = init, initial
     else:
         grid = grid_of(theta)
@@ -149,7 +172,8 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
 def _fixed_step(name: str, solver):
     solver = get_solver(solver, "ode")
     if solver.adaptive or not solver.evals_per_step:
-        raise ValueError(f"{name} must be a fixed-step ODE solver, got the adaptive {solver.name!r}")
+        raise ValueError(f"{name} must be a fixed-step ODE solver (a fixed number of score calls per step), "
+                         f"got {solver.name!r}")
     return solver
 
 
@@ -165,7 +189,9 @@ def _search(f, x0: list[float], max_runs: int, step: float):
     """Minimize ``f`` from ``x0`` by BFGS on forward-difference gradients (``step`` apart).
 
     ``(x, f(x), f(x0), runs)``, ``x`` the best point evaluated, returned also when ``max_runs``
-    evaluations cut the search short.
+    evaluations cut the search short. An infinite value (a failed run) is passed on as 10 above
+    the worst finite one: finite, so BFGS's line search backs off, and not so large that a
+    difference across it swamps the gradient.
     On the benchmark problems (10 steps) BFGS reached what Nelder–Mead followed by Powell reached
     (ring2d 1.1e-3, mix64d 1.8e-3) in 0.6x and 0.4x the runs, where Nelder–Mead alone stalled
     (2.8e-3 on ring2d): the error's valleys are narrow and curved.
@@ -173,11 +199,11 @@ def _search(f, x0: list[float], max_runs: int, step: float):
     from scipy.optimize import minimize
 
     best = [list(x0), math.inf]
-    first = None
+    first, worst = None, None
     runs = 0
 
     def counted(x):
-        nonlocal runs, first
+        nonlocal runs, first, worst
         if runs >= max_runs:
             raise _Budget
         runs += 1
@@ -185,7 +211,10 @@ def _search(f, x0: list[float], max_runs: int, step: float):
         first = value if first is None else first
         if value < best[1]:
             best[0], best[1] = x.tolist(), value
-        return value if math.isfinite(value) else 1e3  # BFGS's line search needs a number
+        if math.isfinite(value):
+            worst = value if worst is None else max(worst, value)
+            return value
+        return (0.0 if worst is None else worst) + 10.0
 
     try:
         minimize(counted, x0, method="BFGS", options=dict(eps=step, maxiter=10**6))

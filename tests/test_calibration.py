@@ -94,7 +94,14 @@ def test_given_reference_and_run_budget():
     assert rmse(sample_ode(score, sde, x, grid=cal.grid, solver="dpmpp_2m").x, ref) == pytest.approx(cal.rmse)
 
 
-def test_a_search_that_finds_nothing_better_keeps_the_initial_grid():
+def test_a_search_from_the_optimum_returns_it_unchanged(calibrated):
+    sde, steps, t_end, score, cal = calibrated
+    again = calibrate_grid(score, sde, draws(sde, 256, 0), steps, solver="unipc", init_grid=cal.grid)
+    assert again.initial_rmse == pytest.approx(cal.rmse, rel=1e-12)
+    assert torch.equal(again.grid, cal.grid) and again.rmse == again.initial_rmse
+
+
+def test_a_budget_of_one_run_keeps_the_initial_grid():
     sde = VPSDE()
     score = ring().score_fn(sde)
     x = draws(sde, 16, 4)
@@ -111,13 +118,31 @@ def test_a_search_that_finds_nothing_better_keeps_the_initial_grid():
     (dict(steps=4, reference_solver="nope"), ValueError, "unknown solver 'nope'"),
     (dict(steps=4, solver="euler_maruyama"), ValueError, "is an SDE solver"),
     (dict(steps=4, max_runs=0), ValueError, "max_runs"),
-    (dict(steps=4, reference=torch.zeros(3, 2, dtype=F64)), ValueError, "reference must be a tensor of x's shape"),
-    (dict(steps=4, init_grid=torch.tensor([1.0, 0.5, 1e-3])), ValueError, "disagrees with the grid"),
+    (dict(steps=4, reference=torch.zeros(3, 2, dtype=F64)), ValueError, "reference must have x's shape"),
+    (dict(steps=4, reference=[[0.0, 0.0]] * 8), TypeError, "reference must be a torch.Tensor"),
+    (dict(steps=4, reference=torch.full((8, 2), math.nan, dtype=F64)), ValueError, "reference must be finite"),
+    (dict(steps=4, reference_steps=1), ValueError, "reference_steps must be >= 2"),
+    (dict(steps=4, init_grid=torch.tensor([1.0, 0.5, 1e-3])), ValueError, "init_grid: .*disagrees with the grid"),
+    (dict(steps=4, init_grid="nope"), ValueError, "init_grid: grid must be one of"),
+    (dict(steps=4, x=torch.zeros(8, 2, dtype=torch.float16)), TypeError, "x must be float32 or float64"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     sde = VPSDE()
+    kwargs.setdefault("x", draws(sde, 8, 0))
     with pytest.raises(error, match=match):
-        calibrate_grid(ring().score_fn(sde), sde, draws(sde, 8, 0), **kwargs)
+        calibrate_grid(ring().score_fn(sde), sde, **kwargs)
+
+
+def test_errors_of_the_score_propagate():
+    """A failing model is not a bad grid: its error reaches the caller instead of an infinite RMSE."""
+    sde = VPSDE()
+    x = draws(sde, 8, 0)
+
+    def broken(x, t):
+        raise ValueError("shape mismatch inside the model")
+
+    with pytest.raises(ValueError, match="shape mismatch inside the model"):
+        calibrate_grid(broken, sde, x, 3, reference=torch.zeros_like(x))
 
 
 def test_float32_pilot():
