@@ -103,11 +103,7 @@ def diffusers_configs(dif, counter, score_fn, x_T, grids, dpm_configs, unipc_con
         steps = len(sigmas) - 1
         sched.set_timesteps(steps + 1)  # steps + 1 distinct timesteps, then our sigmas and the final one
         sched.sigmas = torch.cat([sigmas, sigma_min.reshape(1)])
-        counter.fn = peers.continuous_eps_model(score_fn, sa.SDE, sched)
-        x = x_T.clone().as_subclass(peers.KeepFloat64)
-        for t in sched.timesteps[:steps]:  # stop at sigmas[steps] = sigma(t_end), as the continuous loop does
-            x = sched.step(counter(x, t), t, x, return_dict=False)[0]
-        return x.as_subclass(torch.Tensor)
+        return peers.run_continuous(sched, counter, score_fn, sa.SDE, x_T, steps)
 
     for name, by_steps in _one_call_grids(grids).items():
         grid = f"{name} (transferred)"

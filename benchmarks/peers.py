@@ -278,6 +278,20 @@ def continuous_eps_model(score_fn, sde, scheduler):
     return model
 
 
+def run_continuous(sched, counter, score_fn, sde, x_T, steps: int) -> torch.Tensor:
+    """``steps`` steps of a diffusers multistep scheduler whose float64 ``sigmas`` are set, from ``x_T``.
+
+    ``counter`` (a :class:`CallCounter`) gets the exact eps at the scheduler's sigma
+    (:func:`continuous_eps_model`). The loop stops at ``sigmas[steps]``: the scheduler's own last
+    step would go from sigma_min to sigma_min, a zero-length step that costs one more evaluation.
+    """
+    counter.fn = continuous_eps_model(score_fn, sde, sched)
+    x = x_T.clone().as_subclass(KeepFloat64)
+    for t in sched.timesteps[:steps]:
+        x = sched.step(counter(x, t), t, x, return_dict=False)[0]
+    return x.as_subclass(torch.Tensor)
+
+
 # --------------------------------------------------------------------------------------------
 # counting
 # --------------------------------------------------------------------------------------------

@@ -198,11 +198,7 @@ def diffusers_configs(dif, counter, score_fn, x_T, grids, dpm_configs, unipc_con
         sched.set_timesteps(steps + 1)
         peers.float64_sigmas(sched, at_timesteps=False)
         sched.sigmas[0], sched.sigmas[steps:] = sigma_max, sigma_min  # exact end points (float32 in diffusers)
-        counter.fn = peers.continuous_eps_model(score_fn, SDE, sched)
-        x = x_T.clone().as_subclass(peers.KeepFloat64)
-        for t in sched.timesteps[:steps]:  # stop at sigmas[steps] = sigma_min: the last step would have length 0
-            x = sched.step(counter(x, t), t, x, return_dict=False)[0]
-        return x.as_subclass(torch.Tensor)
+        return peers.run_continuous(sched, counter, score_fn, SDE, x_T, steps)
 
     def aligned(sched, grid, steps):
         """Integer timesteps from ``grid`` (or the native spacing), exact float64 sigmas, final sigma_min."""
