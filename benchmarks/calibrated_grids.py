@@ -23,7 +23,7 @@ import problems as sa
 # default, and at 20 the solver that is best there on a standard grid
 SOLVERS = {"unipc": (5, 10, 20), "unipc_4_t": (20,)}
 PILOT = {"ring2d": 1024, "mix64d": 256}  # draws; 256 on ring2d gave a grid 5x worse on one held-out batch
-MAX_RUNS = 1000  # per calibration, below calibrate_grid's default 150 * steps above 6 steps (mix64d's score is slow)
+MAX_RUNS = 1000  # per calibration, below calibrate_grid's default above 6 steps (mix64d's score is slow)
 PILOT_SEED_OFFSET = 1000
 KD_SAMPLERS = ("euler", "lms", "dpmpp_2m")  # one model call per step
 
@@ -33,8 +33,8 @@ def label(solver: str) -> str:
 
 
 def calibrate(problem, score_fn, seed: int, solvers=None, log=print):
-    """``({label: {steps: grid}}, [record])``: one grid per solver and NFE (``solvers``: as ``SOLVERS``), fitted on
-    pilot draws."""
+    """``({solver: {steps: grid}}, [record])``: one grid per solver and NFE (``solvers``: as ``SOLVERS``), fitted
+    on pilot draws."""
     pilot = sa.SDE.prior_sample((PILOT[problem["name"]], problem["dim"]),
                                 generator=torch.Generator().manual_seed(seed + PILOT_SEED_OFFSET), dtype=sa.F64)
     reference, _ = sa.reference(score_fn, pilot, sa.REF_TOL)  # exact, not calibrate_grid's default high-order solve
@@ -47,9 +47,10 @@ def calibrate(problem, score_fn, seed: int, solvers=None, log=print):
                 continue
             t0 = time.perf_counter()
             cal = sdediff.calibrate_grid(score_fn, sa.SDE, pilot, steps, solver=solver, reference=reference,
-                                         t_start=sa.T_START, t_end=sa.T_END, max_runs=min(MAX_RUNS, 150 * steps))
+                                         t_start=sa.T_START, t_end=sa.T_END,
+                                         max_runs=min(MAX_RUNS, sdediff.calibration.RUNS_PER_STEP * steps))
             seconds = time.perf_counter() - t0
-            grids.setdefault(label(solver), {})[steps] = cal.grid
+            grids.setdefault(solver, {})[steps] = cal.grid
             records.append(dict(solver=solver, steps=steps, pilot=len(pilot), runs=cal.runs, nfe=cal.nfe,
                                 seconds=round(seconds, 1), pilot_rmse_initial=cal.initial_rmse, pilot_rmse=cal.rmse,
                                 grid=cal.grid.tolist()))
@@ -59,38 +60,38 @@ def calibrate(problem, score_fn, seed: int, solvers=None, log=print):
 
 
 def sdediff_configs(counter, x_T, grids):
-    for name, by_steps in grids.items():
-        solver = name.removeprefix("calibrated for ")
-        per_step = sdediff.available_solvers("ode")[solver].evals_per_step
-        for other in sdediff.available_solvers("ode"):  # every 1-call solver on it, the one it was fitted for first
-            info = sdediff.available_solvers("ode")[other]
+    """The solver each grid was fitted for on it, and the other multistep solvers of as many calls per step."""
+    solvers = sdediff.available_solvers("ode")
+    for solver, by_steps in grids.items():
+        per_step = solvers[solver].evals_per_step
+        for other, info in solvers.items():
             if info.adaptive or info.evals_per_step != per_step or (other != solver and other not in
                                                                      ("dpmpp_2m", "dpmpp_3m", "lms", "unipc_3")):
                 continue
 
             def run(steps, other=other, by_steps=by_steps):
                 return sdediff.sample_ode(counter, sa.SDE, x_T, grid=by_steps[steps], solver=other).x
-            yield dict(library="sdediff", solver=other, grid=name, options="", evals_per_step=per_step,
+            yield dict(library="sdediff", solver=other, grid=label(solver), options="", evals_per_step=per_step,
                        nfes=tuple(s * per_step for s in by_steps)), run
 
 
 def _one_call_grids(grids):
     """The grids fitted for solvers of one score call per step: a peer with one call per step runs ``steps``
     steps of them at ``steps`` NFE (the others would need a grid of another length)."""
-    one_call = {name for name, info in sdediff.available_solvers("ode").items() if info.evals_per_step == 1}
-    return {name: by_steps for name, by_steps in grids.items() if name.removeprefix("calibrated for ") in one_call}
+    solvers = sdediff.available_solvers("ode")
+    return {solver: by_steps for solver, by_steps in grids.items() if solvers[solver].evals_per_step == 1}
 
 
 def kdiffusion_configs(kd, counter, x_T, grids):
     x_ve = x_T / sa._alpha(sa.T_START)
     a_end = sa._alpha(sa.T_END)
-    for name, by_steps in _one_call_grids(grids).items():
+    for solver, by_steps in _one_call_grids(grids).items():
         for sampler_name in KD_SAMPLERS:
             sampler = getattr(kd, f"sample_{sampler_name}")
 
             def run(steps, sampler=sampler, by_steps=by_steps):
                 return a_end * sampler(counter, x_ve, sa.sigma_ve(by_steps[steps]).clone(), disable=True)
-            yield dict(library="k-diffusion", solver=sampler_name, grid=f"{name} (transferred)", options="",
+            yield dict(library="k-diffusion", solver=sampler_name, grid=f"{label(solver)} (transferred)", options="",
                        evals_per_step=1, nfes=tuple(by_steps)), run
 
 
@@ -105,8 +106,8 @@ def diffusers_configs(dif, counter, score_fn, x_T, grids, dpm_configs, unipc_con
         sched.sigmas = torch.cat([sigmas, sigma_min.reshape(1)])
         return peers.run_continuous(sched, counter, score_fn, sa.SDE, x_T, steps)
 
-    for name, by_steps in _one_call_grids(grids).items():
-        grid = f"{name} (transferred)"
+    for solver, by_steps in _one_call_grids(grids).items():
+        grid = f"{label(solver)} (transferred)"
         nfes = tuple(by_steps)
         for algo, order, kind, lof in dpm_configs:
             opts = f"{algo}, order {order}, {kind}" + ("" if lof else ", lower_order_final=False")

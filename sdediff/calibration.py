@@ -28,13 +28,14 @@ from typing import NamedTuple
 import torch
 
 from . import _checks
-from .integrate import NonFiniteError
+from .integrate import NonFiniteError, _Counted
 from .sampling import DEFAULT_ODE_SOLVER, _solver_grid, sample_ode
 from .sdes import SDE, check_sde
 from .solvers.base import get_solver
 
 DEFAULT_REFERENCE_SOLVER = "unipc_3"  # order 4 on the log-SNR grid
 DEFAULT_REFERENCE_STEPS = 200
+RUNS_PER_STEP = 150  # the default budget of solver runs, per step of the grid
 
 
 class GridCalibration(NamedTuple):
@@ -86,7 +87,7 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
     steps = _checks.positive_int("steps", steps)
     if steps < 2:
         raise ValueError(f"steps must be >= 2 (a 1-step grid has no interior time to place), got {steps}")
-    max_runs = 150 * steps if max_runs is None else _checks.positive_int("max_runs", max_runs)
+    max_runs = RUNS_PER_STEP * steps if max_runs is None else _checks.positive_int("max_runs", max_runs)
     reference_steps = _checks.positive_int("reference_steps", reference_steps)
     if reference_steps < 2:
         raise ValueError(f"reference_steps must be >= 2 (its error is estimated from half the steps), "
@@ -109,12 +110,7 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
         raise ValueError(f"init_grid: {err}") from None
     t_start, t_end = float(init[0]), float(init[-1])
 
-    nfe = 0
-
-    def counted(x, t):  # runs that blow up count too
-        nonlocal nfe
-        nfe += 1
-        return score_fn(x, t)
+    counted = _Counted(score_fn)  # every score call, those of runs that blow up included
 
     def solve(grid, slv, n=None):
         return sample_ode(counted, sde, x, steps=n, grid=grid, solver=slv, t_start=None if n is None else t_start,
@@ -166,7 +162,7 @@ def calibrate_grid(score_fn, sde: SDE, x, steps: int, *, solver=DEFAULT_ODE_SOLV
     if reference_error is not None and reference_error > 0.1 * rmse:
         warnings.warn(f"the reference solution's error (about {reference_error:.2g}) is not small against the "
                       f"calibrated RMSE {rmse:.2g}; raise reference_steps", RuntimeWarning, stacklevel=2)
-    return GridCalibration(grid, rmse, initial, reference_error, runs, nfe)
+    return GridCalibration(grid, rmse, initial, reference_error, runs, counted.count)
 
 
 def _fixed_step(name: str, solver):
