@@ -16,11 +16,21 @@ def moved(cache: dict, like: torch.Tensor, tensors) -> tuple:
     return cache[key]
 
 
-def checksum(x: torch.Tensor) -> torch.Tensor:
+def checksum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`checksum` sums ``dtype`` in: half precision accumulates in float32."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def checksum(x: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The sum of ``x``, 0-d: finite iff every entry of ``x`` is. No host sync.
 
     One reduction instead of an elementwise ``isfinite``: a NaN or infinity makes the sum
     non-finite. Half-precision sums accumulate in float32, so only a state beyond float32's
-    range (itself a blow-up) could be flagged without a non-finite entry.
+    range (itself a blow-up) could be flagged without a non-finite entry. ``out``: a 0-d tensor
+    to write into (a loop then allocates nothing per step); ``dtype``: the sum's dtype (default
+    :func:`checksum_dtype`), which must be ``out``'s.
     """
-    return x.sum(dtype=torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None)
+    dtype = checksum_dtype(x.dtype) if dtype is None else dtype
+    if out is None:
+        return x.sum(dtype=dtype)
+    return torch.sum(x, dim=tuple(range(x.dim())), dtype=dtype, out=out)

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
-from ._tensors import checksum
+from ._tensors import checksum, checksum_dtype
 from .solvers.base import ODESolver, SDESolver, get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver, elapsed_time
 from .solvers.langevin import Corrector
@@ -163,13 +163,14 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
     if isinstance(solver, SDESolver):
         brownian = _increments(brownian, x, ts, generator)
     iterations = steps + (solver is None)
-    checksums = []  # one 0-d sum per step: finite iff the state is
+    # One sum per step, written in place (no per-step allocation): finite iff the state is.
+    checksums = torch.empty(iterations, dtype=checksum_dtype(x.dtype), device=x.device)
     xs = [x] if return_trajectory and solver is not None else ([] if return_trajectory else None)
     name = solver.name if solver is not None else type(corrector).__name__
     multistep = solver is not None and solver.multistep
     state = solver.init(term, x, ts) if multistep else None
     times = ts.unbind()
-    for i in tqdm(range(iterations), disable=not progress, desc=name, leave=False):
+    for i in tqdm(range(iterations), desc=name, leave=False) if progress else range(iterations):
         t0 = times[i]
         if corrector is not None:
             for _ in range(corrector.n_steps):
@@ -181,10 +182,10 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
             x, state = advance(solver, term, x, t0, times[i + 1], state, dw)
         if projection is not None:
             x = projection(x, times[i + 1] if solver is not None else t0)
-        checksums.append(checksum(x))
+        checksum(x, out=checksums[i], dtype=checksums.dtype)
         if xs is not None:
             xs.append(x)
-    finite = torch.isfinite(torch.stack(checksums))
+    finite = torch.isfinite(checksums)
     if not bool(finite.all()):  # the one host sync of the loop
         _raise_nonfinite(int((~finite).nonzero()[0]), ts, corrector_only=solver is None)
     return Solution(x, ts, torch.stack(xs) if xs is not None else None, counter.count)

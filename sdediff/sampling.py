@@ -21,8 +21,8 @@ DEFAULT_T_END = 1e-3
 class _ScoreMonitor:
     """Adds up the checksums of all scores on the device, read only if the integration fails (no host sync).
 
-    A non-finite score makes the running total non-finite for good (inf + -inf is NaN), and one
-    0-d tensor is all it keeps, however many calls an adaptive solver makes.
+    A non-finite score makes the running total non-finite for good (inf + -inf is NaN). The
+    total is one 0-d tensor, updated in place, however many calls an adaptive solver makes.
     """
 
     def __init__(self, score_fn):
@@ -31,8 +31,10 @@ class _ScoreMonitor:
     def __call__(self, x, t):
         score = self.score_fn(x, t)
         if isinstance(score, torch.Tensor):
-            s = checksum(score)
-            self.total = s if self.total is None else self.total + s
+            if self.total is None:
+                self.total = checksum(score.detach())
+            else:
+                self.total.add_(checksum(score.detach(), dtype=self.total.dtype))
         return score
 
     def saw_nonfinite(self) -> bool:

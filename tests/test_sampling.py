@@ -192,6 +192,18 @@ def test_non_finite_state_is_reported_with_step_and_time():
     assert "score_fn" not in str(err.value)
 
 
+def test_half_precision_states_are_checked_in_float32_and_located():
+    """The per-step checksums of float16 states accumulate in float32: a state whose float16 sum
+    would overflow is not flagged, and the first state that does hold an infinity is named."""
+    ts = torch.arange(0.0, 9.0, dtype=torch.float64)
+    big = torch.full((4, 8), 6e4, dtype=torch.float16)  # sum 1.9e6, beyond float16's 65504
+    sol = sd.integrate(sd.ODETerm(lambda x, t: torch.zeros_like(x)), big, ts, solver="euler")
+    assert torch.equal(sol.x, big)
+    # x' = x with h = 1 doubles: 1e3 * 2^(k+1) after step k, 1.28e5 = inf in float16 after step 6
+    with pytest.raises(sd.NonFiniteError, match=r"after step 6 \(t = 6 -> 7\)"):
+        sd.integrate(sd.ODETerm(lambda x, t: x), torch.full((4, 8), 1e3, dtype=torch.float16), ts, solver="euler")
+
+
 def test_score_of_the_wrong_shape_is_rejected():
     sde = sd.VPSDE()
     with pytest.raises(ValueError, match=r"score_fn must return a tensor of the shape of x \(4, 2\), got \(4,\)"):

@@ -10,8 +10,6 @@ mixture samples, then measures
 Thresholds are set at about twice the measured values (stated per test), far below the baseline.
 """
 
-import math
-
 import pytest
 import torch
 
