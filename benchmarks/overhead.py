@@ -34,6 +34,7 @@ synchronizes once after each timed run. Results go to ``benchmarks/results/overh
 from __future__ import annotations
 
 import argparse
+import ctypes
 import inspect
 import json
 import math
@@ -42,6 +43,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 from torch import nn
@@ -86,6 +92,8 @@ def parse_args(argv=None):
     p.add_argument("--solvers", default="default",
                    help="sdediff solvers: 'default' (sample_ode's default, euler, dpmpp_2m if registered), "
                         "'all' (every fixed-step ODE solver) or a comma-separated list")
+    p.add_argument("--allocator", choices=("default", "keep"), default="default",
+                   help="'keep': glibc mallopt so freed heap memory is kept (no page faults from heap trimming)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "overhead.json"))
     return p.parse_args(argv)
 
@@ -208,8 +216,52 @@ def build_loops(args, model, x):
     return list(baselines.values()) + extra + loops, {c: v[0] for c, v in baselines.items()}
 
 
+class Recorder:
+    """``model`` that keeps a copy of every input it is called with (for the replay baselines)."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __call__(self, x, c):
+        self.calls.append((x.clone(), c.clone()))
+        return self.model(x, c)
+
+
+def replay(model, calls):
+    """The bare loop over the very inputs a sampler gave the model: its model work and nothing else."""
+    def fn():
+        for x, c in calls:
+            out = model(x, c)
+        return out
+    return fn
+
+
+def keep_heap() -> bool:
+    """Ask glibc's malloc to keep freed memory (no heap trimming, tensors up to 32 MiB on the heap).
+
+    By default glibc returns the top of the heap to the system once more than about twice the
+    largest recently freed block is free, and every later allocation that regrows it touches fresh
+    pages. Whether a loop's allocations trigger that varies from process to process (the heap's
+    layout), and the page faults cost several percent here. False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
+        return all(libc.mallopt(opt, value) == 1 for opt, value in ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20)))
+    except (OSError, AttributeError):
+        return False
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    heap_kept = keep_heap() if args.allocator == "keep" else False
+    if args.allocator == "keep" and not heap_kept:
+        print("note: --allocator keep needs glibc; running with the default allocator settings")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -219,59 +271,79 @@ def main(argv=None):
 
     with torch.no_grad():
         loops, baseline_of = build_loops(args, model, x)
-
-        def timed(fn):
-            dt, out = timing.timed(fn, device)
-            if not bool(torch.isfinite(out).all()):
-                raise FloatingPointError("a loop produced non-finite values")
-            return dt
-
-        for _ in range(args.warmup):
-            for _, _, _, fn in loops:
-                timed(fn)
-        # Each sampler is timed right next to its bare loop (which one goes first alternates between
-        # rounds), so both see the same load; the order of the samplers rotates between rounds.
         samplers = [loop for loop in loops if loop[0] not in baseline_of.values()]
         bare_fn = {name: fn for name, _, _, fn in loops if name in baseline_of.values()}
-        pairs = {name: [] for name, _, _, _ in samplers}
+        # The same loops around a recording model, run once each: the inputs every sampler gives the model.
+        recorder = Recorder(model)
+        replay_fn = {}
+        for (name, _, calls, _), (_, _, _, recording) in zip(samplers, build_loops(args, recorder, x)[0][-len(samplers):]):
+            recorder.calls = []
+            recording()
+            if len(recorder.calls) != calls:
+                raise RuntimeError(f"{name} made {len(recorder.calls)} model calls, expected {calls}")
+            replay_fn[name] = replay(model, recorder.calls)
+
+        def timed(fn):
+            faults = minor_faults()
+            dt, out = timing.timed(fn, device)
+            faults = minor_faults() - faults
+            if not bool(torch.isfinite(out).all()):
+                raise FloatingPointError("a loop produced non-finite values")
+            return dt, faults
+
+        for _ in range(args.warmup):
+            for name, _, _, fn in samplers:
+                timed(fn), timed(replay_fn[name])
+            for fn in bare_fn.values():
+                timed(fn)
+        # Each sampler is timed right next to its bare loop and its replay (the order of the three
+        # rotates between rounds), so all see the same load; the order of the samplers rotates too.
+        runs = {name: [] for name, _, _, _ in samplers}  # per round: ((t, faults) of sampler, bare, replay)
         for r in range(args.repeats):
             k = r % len(samplers)
             for name, _, calls, fn in samplers[k:] + samplers[:k]:
-                base = bare_fn[baseline_of[calls]]
-                if r % 2:
-                    t_m, t_b = timed(fn), timed(base)
-                else:
-                    t_b, t_m = timed(base), timed(fn)
-                pairs[name].append((t_m, t_b))
+                trio = [fn, bare_fn[baseline_of[calls]], replay_fn[name]]
+                order = [(i + r) % 3 for i in range(3)]
+                measured = {i: timed(trio[i]) for i in order}
+                runs[name].append(tuple(measured[i] for i in range(3)))
 
     results = []
     for name, library, calls, _ in loops:
         base = baseline_of[calls]
         if name == base:
-            ts = [tb for n, _, c, _ in samplers if c == calls for _, tb in pairs[n]]
-            t_m = t_b = ts
+            rows = [(m[1], m[1], m[1]) for n, _, c, _ in samplers if c == calls for m in runs[n]]
         else:
-            t_m, t_b = [p[0] for p in pairs[name]], [p[1] for p in pairs[name]]
+            rows = runs[name]
+        t_m, t_b, t_r = ([row[j][0] for row in rows] for j in range(3))
+        ratios = [a / b for a, b in zip(t_m, t_b)]
+        replayed = [a / b for a, b in zip(t_m, t_r)]
         results.append({"name": name, "library": library, "model_calls": calls,
                         "median_ms": 1e3 * statistics.median(t_m), "min_ms": 1e3 * min(t_m),
                         "ms_per_model_call": 1e3 * statistics.median(t_m) / calls, "baseline": base,
-                        "ratio": statistics.median(a / b for a, b in zip(t_m, t_b)),
-                        "ratio_quartiles": _quartiles([a / b for a, b in zip(t_m, t_b)]),
+                        "ratio": statistics.median(ratios),
+                        "ratio_quartiles": _quartiles(ratios),
                         "overhead_us_per_call": 1e6 * statistics.median(a - b for a, b in zip(t_m, t_b)) / calls,
                         "ratio_of_medians": statistics.median(t_m) / statistics.median(t_b),
-                        "ratio_of_minima": min(t_m) / min(t_b)})
+                        "ratio_of_minima": min(t_m) / min(t_b),
+                        "ratio_to_replay": statistics.median(replayed),
+                        "ratio_to_replay_quartiles": _quartiles(replayed),
+                        "replay_over_bare": statistics.median(r / b for r, b in zip(t_r, t_b)),
+                        "page_faults_per_run": statistics.median(row[0][1] for row in rows),
+                        "replay_page_faults_per_run": statistics.median(row[2][1] for row in rows)})
     by_name = {row["name"]: row for row in results}
 
     per_call = by_name[baseline_of[args.steps]]["ms_per_model_call"] if args.steps in baseline_of else float("nan")
     print(f"device {device}, torch.set_num_threads({args.threads}), batch {args.batch}, {args.steps} steps, "
-          f"median of {args.repeats} rounds; bare model call: {per_call:.3f} ms")
-    print(f"{'loop':44s} {'calls':>5s} {'median ms':>9s} {'ms/call':>7s} {'ratio':>6s} {'quartiles':>13s} "
-          f"{'of medians':>10s} {'of minima':>9s} {'+us/call':>8s}")
+          f"median of {args.repeats} rounds, allocator {'heap kept' if heap_kept else 'default'}; "
+          f"bare model call: {per_call:.3f} ms")
+    print(f"{'loop':44s} {'calls':>5s} {'ms/call':>7s} {'ratio':>6s} {'quartiles':>13s} {'of minima':>9s} "
+          f"{'+us/call':>8s} {'/replay':>7s} {'replay/bare':>11s} {'faults':>6s}")
     for row in results:
         q = row["ratio_quartiles"]
-        print(f"{row['name']:44s} {row['model_calls']:5d} {row['median_ms']:9.1f} {row['ms_per_model_call']:7.3f} "
-              f"{row['ratio']:6.3f} {q[0]:6.3f}-{q[1]:6.3f} {row['ratio_of_medians']:10.3f} {row['ratio_of_minima']:9.3f} "
-              f"{row['overhead_us_per_call']:8.1f}")
+        print(f"{row['name']:44s} {row['model_calls']:5d} {row['ms_per_model_call']:7.3f} "
+              f"{row['ratio']:6.3f} {q[0]:6.3f}-{q[1]:6.3f} {row['ratio_of_minima']:9.3f} "
+              f"{row['overhead_us_per_call']:8.1f} {row['ratio_to_replay']:7.3f} {row['replay_over_bare']:11.3f} "
+              f"{row['page_faults_per_run']:6.0f}")
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +355,11 @@ def main(argv=None):
             "ratio": "median over rounds of (time of the loop / time of the bare loop with the same number of model "
                      "calls, timed right before or after it); ratio_of_medians and ratio_of_minima over the same "
                      "runs",
+            "replay": "for x, c in calls: out = model(x, c), over the inputs the loop gave the model in an untimed "
+                      "recording run; ratio_to_replay is the median of (loop time / replay time) over the same "
+                      "rounds, replay_over_bare the model's cost on those inputs over its cost on the fixed x",
+            "page_faults": "median minor page faults (getrusage ru_minflt) per timed run",
+            "allocator": "heap kept (glibc mallopt: no trimming)" if heap_kept else "default",
             "ms_per_bare_model_call": per_call,
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(device) if cuda else None,
