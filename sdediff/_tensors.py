@@ -28,9 +28,11 @@ def checksum(x: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtyp
     non-finite. Half-precision sums accumulate in float32, so only a state beyond float32's
     range (itself a blow-up) could be flagged without a non-finite entry. ``out``: a 0-d tensor
     to write into (a loop then allocates nothing per step); ``dtype``: the sum's dtype (default
-    :func:`checksum_dtype`), which must be ``out``'s.
+    :func:`checksum_dtype`), which must be ``out``'s. The sum is taken of ``x.detach()``: it is
+    never differentiated, and ``out=`` would refuse a tensor that requires grad.
     """
     dtype = checksum_dtype(x.dtype) if dtype is None else dtype
+    x = x.detach()
     if out is None:
         return x.sum(dtype=dtype)
     return torch.sum(x, dim=tuple(range(x.dim())), dtype=dtype, out=out)

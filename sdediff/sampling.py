@@ -32,9 +32,9 @@ class _ScoreMonitor:
         score = self.score_fn(x, t)
         if isinstance(score, torch.Tensor):
             if self.total is None:
-                self.total = checksum(score.detach())
+                self.total = checksum(score)
             else:
-                self.total.add_(checksum(score.detach(), dtype=self.total.dtype))
+                self.total.add_(checksum(score, dtype=self.total.dtype))
         return score
 
     def saw_nonfinite(self) -> bool:
