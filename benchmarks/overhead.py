@@ -21,14 +21,21 @@ returning only the end state); k-diffusion's ``get_sigmas_karras`` and ``sample_
 disabled); diffusers' ``set_timesteps`` and the ``scale_model_input`` / model / ``step`` loop.
 Constructing the scheduler is not timed.
 
-Method: after warm-up runs, each round times every sampler right next to a bare loop with the same
-number of calls (which of the two goes first alternates between rounds; the order of the samplers
-rotates), for ``--repeats`` rounds, all in one process. The ratio is the median over rounds of
-sampler time / bare-loop time, so both halves of a pair see the same load on a shared machine.
-The ratios of the medians and of the minima are recorded too, and the overhead in microseconds
-per model call (median over rounds of sampler time minus bare-loop time, divided by the calls).
+A second baseline per sampler, the replay, calls the model on exactly the inputs that sampler gave
+it, recorded in an untimed run: a sampler's time over its replay is its own work, and the
+replay's time over the bare loop is the model's, which costs more on some inputs than on others.
+
+Method: after warm-up runs, each round times every sampler, the bare loop with the same number of
+calls and the sampler's replay, one after another (the order of the three rotates between rounds;
+so does the order of the samplers), for ``--repeats`` rounds, all in one process. The ratio is the
+median over rounds of sampler time / bare-loop time, so all three see the same load on a shared
+machine; ``ratio_to_replay`` likewise. The ratios of the medians and of the minima are recorded
+too, the overhead in microseconds per model call (median over rounds of sampler time minus
+bare-loop time, divided by the calls), and the minor page faults per run. ``--allocator keep``
+asks glibc to keep freed heap memory, so no loop pays for page faults after heap trimming.
 ``torch.set_num_threads(--threads)`` (default 1) is fixed and recorded. ``--device cuda``
-synchronizes once after each timed run. Results go to ``benchmarks/results/overhead.json``.
+synchronizes once after each timed run. Results go to ``benchmarks/results/overhead.json``
+(``overhead_heap_kept.json`` with ``--allocator keep``).
 """
 
 from __future__ import annotations
@@ -94,7 +101,9 @@ def parse_args(argv=None):
                         "'all' (every fixed-step ODE solver) or a comma-separated list")
     p.add_argument("--allocator", choices=("default", "keep"), default="default",
                    help="'keep': glibc mallopt so freed heap memory is kept (no page faults from heap trimming)")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "overhead.json"))
+    p.add_argument("--out", default=None,
+                   help="JSON path (default benchmarks/results/overhead.json, or overhead_heap_kept.json "
+                        "with --allocator keep)")
     return p.parse_args(argv)
 
 
@@ -246,8 +255,8 @@ def keep_heap() -> bool:
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
-        # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD
-        return all(libc.mallopt(opt, value) == 1 for opt, value in ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20)))
+        # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD; each is tried, whatever the others return
+        return all([libc.mallopt(opt, value) == 1 for opt, value in ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20))])
     except (OSError, AttributeError):
         return False
 
@@ -261,7 +270,7 @@ def main(argv=None):
     args = parse_args(argv)
     heap_kept = keep_heap() if args.allocator == "keep" else False
     if args.allocator == "keep" and not heap_kept:
-        print("note: --allocator keep needs glibc; running with the default allocator settings")
+        print("note: --allocator keep needs glibc; glibc's settings may be partly or not at all changed")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -276,9 +285,10 @@ def main(argv=None):
         # The same loops around a recording model, run once each: the inputs every sampler gives the model.
         recorder = Recorder(model)
         replay_fn = {}
-        for (name, _, calls, _), (_, _, _, recording) in zip(samplers, build_loops(args, recorder, x)[0][-len(samplers):]):
+        recording = {name: fn for name, _, _, fn in build_loops(args, recorder, x)[0]}
+        for name, _, calls, _ in samplers:
             recorder.calls = []
-            recording()
+            recording[name]()
             if len(recorder.calls) != calls:
                 raise RuntimeError(f"{name} made {len(recorder.calls)} model calls, expected {calls}")
             replay_fn[name] = replay(model, recorder.calls)
@@ -345,7 +355,8 @@ def main(argv=None):
               f"{row['overhead_us_per_call']:8.1f} {row['ratio_to_replay']:7.3f} {row['replay_over_bare']:11.3f} "
               f"{row['page_faults_per_run']:6.0f}")
 
-    out = Path(args.out)
+    results_dir = Path(__file__).resolve().parent / "results"
+    out = Path(args.out) if args.out else results_dir / ("overhead_heap_kept.json" if heap_kept else "overhead.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "threads": torch.get_num_threads(),
             "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
@@ -353,8 +364,7 @@ def main(argv=None):
                      "torch.no_grad",
             "bare_loop": "for c in cs: out = model(x, c); x fixed, the (batch,) time tensors cs made before timing",
             "ratio": "median over rounds of (time of the loop / time of the bare loop with the same number of model "
-                     "calls, timed right before or after it); ratio_of_medians and ratio_of_minima over the same "
-                     "runs",
+                     "calls, timed in the same round); ratio_of_medians and ratio_of_minima over the same runs",
             "replay": "for x, c in calls: out = model(x, c), over the inputs the loop gave the model in an untimed "
                       "recording run; ratio_to_replay is the median of (loop time / replay time) over the same "
                       "rounds, replay_over_bare the model's cost on those inputs over its cost on the fixed x",

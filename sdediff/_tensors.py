@@ -36,3 +36,8 @@ def checksum(x: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtyp
     if out is None:
         return x.sum(dtype=dtype)
     return torch.sum(x, dim=tuple(range(x.dim())), dtype=dtype, out=out)
+
+
+def finiteness(total: torch.Tensor) -> torch.Tensor:
+    """0 where ``total`` is finite, infinity where it is not: a checksum's verdict in any float dtype."""
+    return torch.where(torch.isfinite(total), 0.0, float("inf"))

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
-from ._tensors import checksum, checksum_dtype
+from ._tensors import checksum, checksum_dtype, finiteness
 from .solvers.base import ODESolver, SDESolver, get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver, elapsed_time
 from .solvers.langevin import Corrector
@@ -182,7 +182,10 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
             x, state = advance(solver, term, x, t0, times[i + 1], state, dw)
         if projection is not None:
             x = projection(x, times[i + 1] if solver is not None else t0)
-        checksum(x, out=checksums[i], dtype=checksums.dtype)
+        if checksum_dtype(x.dtype) == checksums.dtype:
+            checksum(x, out=checksums[i])
+        else:  # the state changed precision (a score of another dtype): record its finiteness alone
+            checksums[i] = finiteness(checksum(x))
         if xs is not None:
             xs.append(x)
     finite = torch.isfinite(checksums)

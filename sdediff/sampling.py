@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 from .grids import time_grid
-from ._tensors import checksum
+from ._tensors import checksum, finiteness
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
 from .sdes import SDE, check_sde
@@ -34,7 +34,8 @@ class _ScoreMonitor:
             if self.total is None:
                 self.total = checksum(score)
             else:
-                self.total.add_(checksum(score, dtype=self.total.dtype))
+                s = checksum(score)
+                self.total.add_(s if s.dtype == self.total.dtype else finiteness(s))
         return score
 
     def saw_nonfinite(self) -> bool:

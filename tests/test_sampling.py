@@ -204,6 +204,14 @@ def test_half_precision_states_are_checked_in_float32_and_located():
         sd.integrate(sd.ODETerm(lambda x, t: x), torch.full((4, 8), 1e3, dtype=torch.float16), ts, solver="euler")
 
 
+def test_a_state_promoted_to_float64_is_checked_in_float64():
+    """x' = 1e300 x in float64 from a float32 start: the state after step 0 (5e299) is finite
+    beyond float32's range and must not be flagged; step 1 overflows float64."""
+    ts = torch.tensor([0.0, 0.5, 1.0, 1.5])
+    with pytest.raises(sd.NonFiniteError, match=r"after step 1 \(t = 0\.5 -> 1\)"):
+        sd.integrate(sd.ODETerm(lambda x, t: x.double() * 1e300), torch.ones(2, 1), ts, solver="euler")
+
+
 def test_gradients_flow_through_the_integration_loop():
     """The loop's finiteness checks stay out of autograd: Euler on x' = -x with h = 1/4 gives
     x_4 = (3/4)^4 x_0, so d sum(x_4) / d x_0 = (3/4)^4; through sample_ode, the gradient of the
