@@ -45,6 +45,7 @@ def calibrated():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the reference must be accurate enough: no warning
         cal = calibrate_grid(score, sde, draws(sde, 256, 0), steps, solver="unipc", t_end=t_end)
+    score.calls_while_calibrating = score.calls  # later tests call the score too
     return sde, steps, t_end, score, cal
 
 
@@ -69,7 +70,7 @@ def test_calibration_reports_the_pilot_errors_and_counts_every_score_call(calibr
     assert cal.initial_rmse == pytest.approx(initial, rel=1e-3)
     assert cal.rmse == pytest.approx(tuned, rel=1e-2)
     assert 0 < cal.reference_error < 0.1 * cal.rmse
-    assert cal.nfe == 200 + 100 + cal.runs * steps
+    assert cal.nfe == 200 + 100 + cal.runs * steps == score.calls_while_calibrating
     assert cal.runs <= 150 * steps
 
 
