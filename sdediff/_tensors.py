@@ -21,17 +21,17 @@ def checksum_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def checksum(x: torch.Tensor, out: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+def checksum(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The sum of ``x``, 0-d: finite iff every entry of ``x`` is. No host sync.
 
     One reduction instead of an elementwise ``isfinite``: a NaN or infinity makes the sum
     non-finite. Half-precision sums accumulate in float32, so only a state beyond float32's
     range (itself a blow-up) could be flagged without a non-finite entry. ``out``: a 0-d tensor
-    to write into (a loop then allocates nothing per step); ``dtype``: the sum's dtype (default
-    :func:`checksum_dtype`), which must be ``out``'s. The sum is taken of ``x.detach()``: it is
-    never differentiated, and ``out=`` would refuse a tensor that requires grad.
+    of dtype :func:`checksum_dtype` to write into (a loop then allocates nothing per step). The
+    sum is taken of ``x.detach()``: it is never differentiated, and ``out=`` would refuse a
+    tensor that requires grad.
     """
-    dtype = checksum_dtype(x.dtype) if dtype is None else dtype
+    dtype = checksum_dtype(x.dtype)
     x = x.detach()
     if out is None:
         return x.sum(dtype=dtype)

@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 from .grids import time_grid
-from ._tensors import checksum, finiteness
+from ._tensors import checksum
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
 from .sdes import SDE, check_sde
@@ -21,8 +21,9 @@ DEFAULT_T_END = 1e-3
 class _ScoreMonitor:
     """Adds up the checksums of all scores on the device, read only if the integration fails (no host sync).
 
-    A non-finite score makes the running total non-finite for good (inf + -inf is NaN). The
-    total is one 0-d tensor, updated in place, however many calls an adaptive solver makes.
+    A non-finite score makes the running total non-finite for good (inf + -inf is NaN), and one
+    0-d tensor is all it keeps, however many calls an adaptive solver makes (the checksums are
+    detached, so no graph links them; scores of mixed precision add up in the wider dtype).
     """
 
     def __init__(self, score_fn):
@@ -31,11 +32,8 @@ class _ScoreMonitor:
     def __call__(self, x, t):
         score = self.score_fn(x, t)
         if isinstance(score, torch.Tensor):
-            if self.total is None:
-                self.total = checksum(score)
-            else:
-                s = checksum(score)
-                self.total.add_(s if s.dtype == self.total.dtype else finiteness(s))
+            s = checksum(score)
+            self.total = s if self.total is None else self.total + s
         return score
 
     def saw_nonfinite(self) -> bool:
