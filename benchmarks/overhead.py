@@ -33,9 +33,14 @@ machine; ``ratio_to_replay`` likewise. The ratios of the medians and of the mini
 too, the overhead in microseconds per model call (median over rounds of sampler time minus
 bare-loop time, divided by the calls), and the minor page faults per run. ``--allocator keep``
 asks glibc to keep freed heap memory, so no loop pays for page faults after heap trimming.
+Subnormal floats are flushed to zero (``--denormals keep`` keeps them): the untrained MLP drives
+the probability-flow states to |x| ~ 800, where SiLU underflows through subnormals and the model
+alone costs 10-14% more than on the fixed ``x`` of the bare loop, a cost of the test model that a
+trained one, whose states stay in the data's range, does not have.
 ``torch.set_num_threads(--threads)`` (default 1) is fixed and recorded. ``--device cuda``
 synchronizes once after each timed run. Results go to ``benchmarks/results/overhead.json``
-(``overhead_heap_kept.json`` with ``--allocator keep``).
+(``overhead_heap_kept.json`` with ``--allocator keep``, ``overhead_subnormals_kept.json`` with
+``--denormals keep``).
 """
 
 from __future__ import annotations
@@ -99,11 +104,14 @@ def parse_args(argv=None):
     p.add_argument("--solvers", default="default",
                    help="sdediff solvers: 'default' (sample_ode's default, euler, dpmpp_2m if registered), "
                         "'all' (every fixed-step ODE solver) or a comma-separated list")
+    p.add_argument("--denormals", choices=timing.DENORMALS, default="flush",
+                   help="'flush' (default): subnormal floats flushed to zero, so the test model costs the same at "
+                        "every state; 'keep': IEEE subnormals (the untrained MLP's large states then slow SiLU)")
     p.add_argument("--allocator", choices=("default", "keep"), default="default",
                    help="'keep': glibc mallopt so freed heap memory is kept (no page faults from heap trimming)")
     p.add_argument("--out", default=None,
-                   help="JSON path (default benchmarks/results/overhead.json, or overhead_heap_kept.json "
-                        "with --allocator keep)")
+                   help="JSON path (default benchmarks/results/overhead.json; overhead_heap_kept.json with "
+                        "--allocator keep, overhead_subnormals_kept.json with --denormals keep)")
     return p.parse_args(argv)
 
 
@@ -271,6 +279,9 @@ def main(argv=None):
     heap_kept = keep_heap() if args.allocator == "keep" else False
     if args.allocator == "keep" and not heap_kept:
         print("note: --allocator keep needs glibc; glibc's settings may be partly or not at all changed")
+    flushed = timing.set_denormals(args.denormals)
+    if args.denormals == "flush" and not flushed:
+        print("note: this CPU cannot flush subnormals (torch.set_flush_denormal); they are kept")
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -344,7 +355,8 @@ def main(argv=None):
 
     per_call = by_name[baseline_of[args.steps]]["ms_per_model_call"] if args.steps in baseline_of else float("nan")
     print(f"device {device}, torch.set_num_threads({args.threads}), batch {args.batch}, {args.steps} steps, "
-          f"median of {args.repeats} rounds, allocator {'heap kept' if heap_kept else 'default'}; "
+          f"median of {args.repeats} rounds, allocator {'heap kept' if heap_kept else 'default'}, "
+          f"subnormals {'flushed' if flushed else 'kept'}; "
           f"bare model call: {per_call:.3f} ms")
     print(f"{'loop':44s} {'calls':>5s} {'ms/call':>7s} {'ratio':>6s} {'quartiles':>13s} {'of minima':>9s} "
           f"{'+us/call':>8s} {'/replay':>7s} {'replay/bare':>11s} {'faults':>6s}")
@@ -356,7 +368,8 @@ def main(argv=None):
               f"{row['page_faults_per_run']:6.0f}")
 
     results_dir = Path(__file__).resolve().parent / "results"
-    out = Path(args.out) if args.out else results_dir / ("overhead_heap_kept.json" if heap_kept else "overhead.json")
+    default_name = "overhead" + ("_heap_kept" if heap_kept else "") + ("" if flushed else "_subnormals_kept")
+    out = Path(args.out) if args.out else results_dir / f"{default_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "threads": torch.get_num_threads(),
             "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
@@ -370,6 +383,7 @@ def main(argv=None):
                       "rounds, replay_over_bare the model's cost on those inputs over its cost on the fixed x",
             "page_faults": "median minor page faults (getrusage ru_minflt) per timed run",
             "allocator": "heap kept (glibc mallopt: no trimming)" if heap_kept else "default",
+            "subnormals": "flushed to zero (torch.set_flush_denormal)" if flushed else "kept (IEEE)",
             "ms_per_bare_model_call": per_call,
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(device) if cuda else None,

@@ -63,8 +63,11 @@ class ReverseProcess:
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``f(x, t) - (1 + s^2)/2 g(t)^2 score(x, t)``; ``x: (batch, *dims)``, ``t``: 0-d or ``(batch,)``."""
         score = self.score(x, t)
-        f, g2 = self.sde._drift_coef(t), self.sde._g2(t)
-        return bcast(f, x) * x - bcast(self._score_weight * g2, x) * score
+        f, g2 = self.sde._f_g2(t)
+        c = g2 * -self._score_weight
+        if t.dim():  # per-sample times (a 0-d coefficient broadcasts as it is)
+            f, c = (None if f is None else bcast(f, x)), bcast(c, x)
+        return c * score if f is None else torch.addcmul(f * x, c, score)
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         """``s g(t)``, shape of ``t``."""

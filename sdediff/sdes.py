@@ -50,6 +50,14 @@ class SDE:
     def _alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
+    def _f_g2(self, t: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``(f(t), g(t)^2)`` for a sampling step: ``f`` is None where the drift is zero (no work for it).
+
+        Each of these is a separate small kernel per step (several microseconds on a CPU);
+        overrides share the schedule's evaluation between the two.
+        """
+        return self._drift_coef(t), self._g2(t)
+
     def _log_snr(self, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self._alpha_sigma(t)
         return 2.0 * (torch.log(alpha) - torch.log(sigma))
@@ -185,6 +193,10 @@ class VPSDE(_ScheduledSDE):
     def _g2(self, t):
         return self.schedule.beta(t)
 
+    def _f_g2(self, t):
+        beta = self.schedule.beta(t)
+        return -0.5 * beta, beta
+
     def _alpha_sigma(self, t):
         log_alpha = self.schedule.log_alpha(t)
         # clamp: rounding may put alpha a hair above 1 at t = 0
@@ -227,6 +239,10 @@ class SubVPSDE(_ScheduledSDE):
     def _g2(self, t):
         return self.schedule.beta(t) * -torch.expm1(4.0 * self.schedule.log_alpha(t))
 
+    def _f_g2(self, t):
+        beta = self.schedule.beta(t)
+        return -0.5 * beta, beta * -torch.expm1(4.0 * self.schedule.log_alpha(t))
+
     def _alpha_sigma(self, t):
         log_alpha = self.schedule.log_alpha(t)
         return torch.exp(log_alpha), (-torch.expm1(2.0 * log_alpha)).clamp(min=0.0)
@@ -266,6 +282,9 @@ class VESDE(SDE):
     def _g2(self, t):
         return 2.0 * self._log_ratio * torch.exp(2.0 * self._log_sigma(t))
 
+    def _f_g2(self, t):
+        return None, self._g2(t)
+
     def _alpha_sigma(self, t):
         return torch.ones_like(t), torch.exp(self._log_sigma(t))
 
@@ -297,6 +316,9 @@ class EDMSDE(SDE):
 
     def _g2(self, t):
         return 2.0 * t
+
+    def _f_g2(self, t):
+        return None, self._g2(t)
 
     def _alpha_sigma(self, t):
         return torch.ones_like(t), t

@@ -5,6 +5,8 @@ Steps may run in either time direction.
 
 from __future__ import annotations
 
+import torch
+
 from .base import ODESolver, register_solver
 
 
@@ -15,8 +17,7 @@ class Euler(ODESolver):
     name, order, evals_per_step = "euler", 1, 1
 
     def step(self, term, x, t0, t1):
-        f = term.vector_field
-        return x + (t1 - t0) * f(x, t0)
+        return torch.addcmul(x, t1 - t0, term.vector_field(x, t0))
 
 
 @register_solver
