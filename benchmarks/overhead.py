@@ -115,6 +115,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def multistep_floor(model, x, cs):
+    """The least a two-history exponential multistep step (DPM-Solver++(2M), UniPC) must do in eager
+    PyTorch, one step per time in ``cs``: the history entry ``alpha x0 = x + sigma^2 score``, then the
+    combination ``a x + b0 H0 + b1 H1`` (coefficients arbitrary but contracting, Python floats)."""
+    def fn():
+        y, previous = x, x
+        for c in cs:
+            h = torch.add(y, model(y, c), alpha=-0.01)
+            y_next = torch.mul(y, 0.99)
+            y_next.add_(h, alpha=0.005)
+            y_next.add_(previous, alpha=-0.002)
+            y, previous = y_next, h
+        return y
+    return fn
+
+
 def build_loops(args, model, x):
     """``[(name, library, calls, fn)]``; ``fn()`` runs one sampling call."""
     device, batch, steps = x.device, x.shape[0], args.steps
@@ -144,21 +160,8 @@ def build_loops(args, model, x):
         return fn
 
     def bare_multistep(calls):
-        # The least a two-history exponential multistep step (DPM-Solver++(2M), UniPC) must do in
-        # eager PyTorch: the history entry alpha x0 = x + sigma^2 score, then the combination
-        # a x + b0 H0 + b1 H1 (coefficients arbitrary but contracting, precomputed as floats).
         cs = [torch.full((batch,), 1.0 - i / calls, device=device) for i in range(calls)]
-
-        def fn():
-            y, previous = x, x
-            for c in cs:
-                h = torch.add(y, model(y, c), alpha=-0.01)
-                y_next = torch.mul(y, 0.99)
-                y_next.add_(h, alpha=0.005)
-                y_next.add_(previous, alpha=-0.002)
-                y, previous = y_next, h
-            return y
-        return fn
+        return multistep_floor(model, x, cs)
 
     # sdediff
     default = inspect.signature(sdediff.sample_ode).parameters["solver"].default

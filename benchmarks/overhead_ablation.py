@@ -58,16 +58,6 @@ def variants(model, x, steps):
             out = model(x, c)
         return out
 
-    def floor():
-        y, previous = x, x
-        for c in cs:
-            h = torch.add(y, model(y, c), alpha=-0.01)
-            y_next = torch.mul(y, 0.99)
-            y_next.add_(h, alpha=0.005)
-            y_next.add_(previous, alpha=-0.002)
-            y, previous = y_next, h
-        return y
-
     def plain(check):
         def fn():
             y, history, sums = x, (), torch.empty(steps)
@@ -104,7 +94,7 @@ def variants(model, x, steps):
     def sample_ode():
         return sdediff.sample_ode(model, sde, x, steps=steps, solver="dpmpp_2m", t_end=1e-3).x
 
-    return {"bare": bare, "floor": floor, "plain": plain(False), "plain + checksum": plain(True),
+    return {"bare": bare, "floor": overhead.multistep_floor(model, x, cs), "plain": plain(False), "plain + checksum": plain(True),
             "solver layers": layers, "integrate, no checksum": integrate(False), "integrate": integrate(True),
             "sample_ode": sample_ode}
 
