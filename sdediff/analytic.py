@@ -25,6 +25,12 @@ from ._tensors import moved
 from .sdes import SDE, check_sde
 
 
+def _one_time(t: torch.Tensor) -> torch.Tensor:
+    """``t[:1]`` when ``t: (batch,)`` is one time expanded over the batch (stride 0, as the sampling
+    loops pass it), else ``t``: the per-component variances then need no per-sample copies."""
+    return t[:1] if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) == 0 else t
+
+
 class GaussianMixture:
     """``sum_k w_k N(mu_k, diag(s_k^2))`` on ``event_shape`` (vectors or any tensor shape).
 
@@ -90,20 +96,25 @@ class GaussianMixture:
         return (x, components.to(x.device)) if return_components else x
 
     def _component_terms(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor):
-        """Per-component log-densities ``(batch, K)`` and ``(alpha mu_k - x) / var_k`` ``(batch, K, d)``."""
+        """Per-component log-densities ``(batch, K)`` and ``(alpha mu_k - x) / var_k`` ``(batch, K, d)``.
+
+        ``alpha``, ``sigma``: 0-d, ``(1,)`` (one time for the batch: the variances ``(1, K, d)`` are
+        computed once) or ``(batch,)``.
+        """
         log_w, mu, s = self._params(x)
         xf = x.reshape(x.shape[0], 1, -1)
         a = alpha.reshape(-1, 1, 1)
         var = a**2 * s**2 + sigma.reshape(-1, 1, 1) ** 2
         diff = a * mu - xf
-        log_comp = log_w - 0.5 * ((diff**2 / var) + torch.log(2.0 * math.pi * var)).sum(-1)
-        return log_comp, diff / var
+        pull = diff / var
+        log_comp = log_w - 0.5 * ((diff * pull).sum(-1) + torch.log(2.0 * math.pi * var).sum(-1))
+        return log_comp, pull
 
     def _coefficients(self, sde: SDE | None, x: torch.Tensor, t):
         if sde is None:
             one = torch.ones((), dtype=x.dtype, device=x.device)
             return one, torch.zeros_like(one)
-        return sde._alpha_sigma(sde._time(t, x))
+        return sde._alpha_sigma(_one_time(sde._time(t, x)))
 
     def _check_x(self, x):
         x = _checks.batched("x", x)
@@ -145,7 +156,7 @@ class GaussianMixture:
         check_sde(sde)
 
         def score_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return self._score(x, *sde._alpha_sigma(t))
+            return self._score(x, *sde._alpha_sigma(_one_time(t)))
 
         return score_fn
 
@@ -185,7 +196,7 @@ class GaussianMixture:
         check_sde(sde)
 
         def classifier_log_prob(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            log_comp, _ = self._component_terms(x, *sde._alpha_sigma(t))
+            log_comp, _ = self._component_terms(x, *sde._alpha_sigma(_one_time(t)))
             in_class = log_comp.masked_fill(~self._class_mask(y, x), -math.inf)
             return torch.logsumexp(in_class, 1) - torch.logsumexp(log_comp, 1)
 
@@ -200,7 +211,7 @@ class GaussianMixture:
         check_sde(sde)
 
         def score_fn(x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            log_comp, pull = self._component_terms(x, *sde._alpha_sigma(t))
+            log_comp, pull = self._component_terms(x, *sde._alpha_sigma(_one_time(t)))
             resp = torch.softmax(log_comp.masked_fill(~self._class_mask(y, x), -math.inf), 1).unsqueeze(-1)
             return (resp * pull).sum(1).reshape(x.shape)
 

@@ -110,6 +110,21 @@ def test_marginal_score_is_gradient_of_marginal_log_prob(sde):
         torch.testing.assert_close(gm.score_fn(sde)(x, t_vec), score, rtol=1e-14, atol=1e-14)
 
 
+def test_one_time_expanded_over_the_batch_is_computed_once_and_alike(sde):
+    """The loops pass ``t.expand(batch)`` (stride 0): the mixture then computes its variances once;
+    the score, density and classifier must equal those of the same times materialized per sample."""
+    gm = GaussianMixture([1.0, 2.0, 3.0], torch.randn(3, 4, generator=torch.Generator().manual_seed(8), dtype=F64),
+                         [[0.3, 0.6, 0.2, 1.0], [0.5, 0.4, 0.7, 0.3], [0.8, 0.8, 0.1, 0.5]], labels=[0, 1, 1])
+    x = 2.0 * torch.randn(16, 4, generator=torch.Generator().manual_seed(9), dtype=F64)
+    shared = torch.tensor(0.37 * sde.T, dtype=F64).expand(16)
+    assert shared.stride(0) == 0
+    materialized = shared.clone()
+    y = torch.tensor([0, 1] * 8)
+    for fn in (gm.score_fn(sde), lambda x, t: gm.marginal_log_prob(sde, x, t),
+               lambda x, t: gm.classifier(sde)(x, t, y), lambda x, t: gm.conditional_score_fn(sde)(x, t, y)):
+        torch.testing.assert_close(fn(x, shared), fn(x, materialized), rtol=1e-14, atol=1e-14)
+
+
 def test_score_of_single_gaussian_closed_form(sde):
     """K = 1: the score is (alpha mu - x) / (alpha^2 s^2 + sigma^2), written out."""
     mu, s = torch.tensor([[0.3, -1.2]], dtype=F64), torch.tensor([[0.5, 2.0]], dtype=F64)
