@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="512x256,64x64", help="comma-separated batch x hidden width")
     p.add_argument("--steps", default="10,25", help="comma-separated step counts")
     p.add_argument("--solver", default=inspect.signature(sdediff.sample_ode).parameters["solver"].default)
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--denormals", choices=timing.DENORMALS, default="flush",
                    help="'flush' (default): subnormal floats flushed to zero (see overhead.py); 'keep': IEEE")
     p.add_argument("--keep-cache", action="store_true",

@@ -99,7 +99,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--repeats", type=int, default=21, help="timed rounds (median over them)")
+    p.add_argument("--repeats", type=int, default=31, help="timed rounds (median over them)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--solvers", default="default",
                    help="sdediff solvers: 'default' (sample_ode's default, euler, dpmpp_2m if registered), "
