@@ -389,3 +389,24 @@ def test_time_validation(sde):
     # the end points themselves are valid
     sde.marginal(0.0)
     sde.marginal(sde.T)
+
+
+@pytest.mark.parametrize("stochasticity", [0.0, 0.5, 1.0])
+def test_reverse_drift_is_f_x_minus_weighted_g2_score(sde, stochasticity):
+    """``drift = f(t) x - (1 + s^2)/2 g(t)^2 score`` against the public f and g, for a 0-d time and
+    per-sample times, on image-shaped states (the drift fuses this into one addcmul and skips
+    f x where the SDE has no drift)."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 2, 3, 3, generator=g, dtype=F64)
+    weights = torch.randn(4, 2, 3, 3, generator=g, dtype=F64)
+
+    def score_fn(y, t):  # depends on t per sample, so a mixed-up broadcast shows
+        return weights * y + t.reshape(-1, 1, 1, 1)
+
+    process = sde.reverse(score_fn, stochasticity)
+    for t in (_t(0.3 * sde.T), torch.linspace(0.1, 0.9, 4, dtype=F64) * sde.T):
+        t_b = t.expand(4) if t.dim() == 0 else t
+        f = sde.drift(torch.ones(4, 1, dtype=F64), t_b)[:, 0].reshape(-1, 1, 1, 1)  # f(t) = drift at x = 1
+        g2 = sde.diffusion(t_b).reshape(-1, 1, 1, 1) ** 2
+        expected = f * x - 0.5 * (1.0 + stochasticity**2) * g2 * score_fn(x, t_b)
+        torch.testing.assert_close(process.drift(x, t), expected, rtol=1e-13, atol=1e-13)
