@@ -27,8 +27,14 @@ from .sdes import SDE, check_sde
 
 def _one_time(t: torch.Tensor) -> torch.Tensor:
     """``t[:1]`` when ``t: (batch,)`` is one time expanded over the batch (stride 0, as the sampling
-    loops pass it), else ``t``: the per-component variances then need no per-sample copies."""
-    return t[:1] if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) == 0 else t
+    loops pass it), else ``t``: the per-component variances then need no per-sample copies.
+
+    Not when ``t`` requires grad (autograd or a ``torch.func`` transform): each sample's output
+    must then depend on its own entry of ``t``, or the derivatives in ``t`` would all land on the first.
+    """
+    if t.dim() == 1 and t.shape[0] > 1 and t.stride(0) == 0 and not t.requires_grad:
+        return t[:1]
+    return t
 
 
 class GaussianMixture:

@@ -67,7 +67,9 @@ class ReverseProcess:
         c = g2 * -self._score_weight
         if t.dim():  # per-sample times (a 0-d coefficient broadcasts as it is)
             f, c = (None if f is None else bcast(f, x)), bcast(c, x)
-        return c * score if f is None else torch.addcmul(f * x, c, score)
+        if f is None:  # no f x term; the result still takes x's dtype where it is the wider one
+            return (c * score).to(torch.result_type(x, score))
+        return torch.addcmul(f * x, c, score)
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:
         """``s g(t)``, shape of ``t``."""

@@ -54,7 +54,8 @@ class SDE:
         """``(f(t), g(t)^2)`` for a sampling step: ``f`` is None where the drift is zero (no work for it).
 
         Each of these is a separate small kernel per step (several microseconds on a CPU);
-        overrides share the schedule's evaluation between the two.
+        overrides share the schedule's evaluation between the two. A subclass that redefines
+        ``_drift_coef`` or ``_g2`` of a process that overrides this must redefine it too.
         """
         return self._drift_coef(t), self._g2(t)
 

@@ -123,6 +123,16 @@ def test_one_time_expanded_over_the_batch_is_computed_once_and_alike(sde):
     for fn in (gm.score_fn(sde), lambda x, t: gm.marginal_log_prob(sde, x, t),
                lambda x, t: gm.classifier(sde)(x, t, y), lambda x, t: gm.conditional_score_fn(sde)(x, t, y)):
         torch.testing.assert_close(fn(x, shared), fn(x, materialized), rtol=1e-14, atol=1e-14)
+    # Differentiated in t, each sample keeps its own entry (the shortcut would put it all on the first).
+    grads = []
+    for t in (torch.tensor(0.37 * sde.T, dtype=F64, requires_grad=True).expand(16),
+              torch.full((16,), 0.37 * sde.T, dtype=F64, requires_grad=True)):
+        (grad,) = torch.autograd.grad(gm.score_fn(sde)(x, t).sum(), t)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-12, atol=1e-12)
+    jac = torch.func.jacrev(lambda t: gm.marginal_log_prob(sde, x, t))(shared)
+    torch.testing.assert_close(jac.diagonal(), torch.autograd.grad(
+        gm.marginal_log_prob(sde, x, materialized.requires_grad_()).sum(), materialized)[0], rtol=1e-12, atol=1e-12)
 
 
 def test_score_of_single_gaussian_closed_form(sde):

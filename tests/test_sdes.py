@@ -410,3 +410,11 @@ def test_reverse_drift_is_f_x_minus_weighted_g2_score(sde, stochasticity):
         g2 = sde.diffusion(t_b).reshape(-1, 1, 1, 1) ** 2
         expected = f * x - 0.5 * (1.0 + stochasticity**2) * g2 * score_fn(x, t_b)
         torch.testing.assert_close(process.drift(x, t), expected, rtol=1e-13, atol=1e-13)
+
+
+def test_reverse_drift_takes_the_wider_of_the_state_and_score_dtypes(sde):
+    """A half-precision score (an autocast network) with a float32 state gives a float32 drift on
+    every SDE, with or without an ``f x`` term, so the solver adds it to x without another rounding."""
+    x = torch.randn(4, 3)
+    drift = sde.reverse(lambda y, t: y.to(torch.bfloat16), 0.0).drift(x, torch.tensor(0.3 * sde.T))
+    assert drift.dtype == torch.float32
