@@ -16,7 +16,8 @@ time / bare time. Variants, from the least to the whole:
 The two ``integrate`` variants reach into sdediff's internals; they measure, they are not an API.
 Subnormals are flushed and glibc keeps its heap (see ``overhead.py``), so neither moves the ratios.
 ``--processes`` runs the rounds in that many fresh processes (heap layout and code placement differ
-between processes by a percent or two) and prints each process's line.
+between processes by a percent or two) and prints each process's line. Results:
+``benchmarks/results/overhead_ablation.json`` (``--out``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -127,6 +129,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--processes", type=int, default=4)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "overhead_ablation.json"))
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a single process's share
     args = p.parse_args(argv)
     if args.one:
@@ -138,9 +141,19 @@ def main(argv=None):
                               "--steps", str(args.steps)], check=True, capture_output=True, text=True).stdout
         lines.append(json.loads(out.strip().splitlines()[-1]))
     print(f"median over {args.rounds} rounds of time / bare-loop time, one process per column")
+    rows = []
     for name in lines[0]:
-        print(f"{name:24s} " + " ".join(f"{line[name]:.3f}" for line in lines)
-              + f"   mean {statistics.fmean(line[name] for line in lines):.3f}")
+        per_process = [line[name] for line in lines]
+        rows.append({"name": name, "ratio_per_process": per_process, "mean": statistics.fmean(per_process)})
+        print(f"{name:24s} " + " ".join(f"{v:.3f}" for v in per_process) + f"   mean {rows[-1]['mean']:.3f}")
+    meta = {"date": time.strftime("%Y-%m-%d"), "rounds": args.rounds, "steps": args.steps,
+            "processes": args.processes, "solver": "dpmpp_2m", "threads": 1, "subnormals": "flushed",
+            "allocator": "heap kept (glibc mallopt)", "ratio": "median over rounds of variant time / bare-loop time",
+            "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
