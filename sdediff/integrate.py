@@ -17,7 +17,15 @@ from .terms import ODETerm, SDETerm
 
 
 class NonFiniteError(FloatingPointError):
-    """A NaN or infinity appeared during integration; the message names the step and the time."""
+    """A NaN or infinity appeared during integration; the message names the step and the time.
+
+    ``calls``: the score (or field) calls made up to the end of that step, where the loop knows
+    them per step (None otherwise), so a caller can tell which calls came before the state failed.
+    """
+
+    def __init__(self, message: str, *, calls: int | None = None):
+        super().__init__(message)
+        self.calls = calls
 
 
 @dataclass
@@ -82,11 +90,12 @@ def _elapsed_time_increments(bm, x: torch.Tensor, t_first: torch.Tensor):
     return brownian
 
 
-def _raise_nonfinite(step: int, ts: torch.Tensor, corrector_only: bool = False):
+def _raise_nonfinite(step: int, ts: torch.Tensor, corrector_only: bool = False, calls: int | None = None):
     if corrector_only:
-        raise NonFiniteError(f"non-finite values in the state after the corrector steps at t = {ts[step].item():.6g}")
+        raise NonFiniteError(f"non-finite values in the state after the corrector steps at t = {ts[step].item():.6g}",
+                             calls=calls)
     t0, t1 = ts[step].item(), ts[step + 1].item()
-    raise NonFiniteError(f"non-finite values in the state after step {step} (t = {t0:.6g} -> {t1:.6g})")
+    raise NonFiniteError(f"non-finite values in the state after step {step} (t = {t0:.6g} -> {t1:.6g})", calls=calls)
 
 
 def _counted_term(term):
@@ -165,6 +174,7 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
     iterations = steps + (solver is None)
     # One sum per step, written in place (no per-step allocation): finite iff the state is.
     checksums = torch.empty(iterations, dtype=checksum_dtype(x.dtype), device=x.device)
+    calls = []  # score calls made by the end of each step: host integers, for the failure's report
     xs = [x] if return_trajectory and solver is not None else ([] if return_trajectory else None)
     name = solver.name if solver is not None else type(corrector).__name__
     multistep = solver is not None and solver.multistep
@@ -188,9 +198,11 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
             checksums[i] = finiteness(checksum(x))
         if xs is not None:
             xs.append(x)
+        calls.append(counter.count)
     finite = torch.isfinite(checksums)
     if not bool(finite.all()):  # the one host sync of the loop
-        _raise_nonfinite(int((~finite).nonzero()[0]), ts, corrector_only=solver is None)
+        step = int((~finite).nonzero()[0])
+        _raise_nonfinite(step, ts, corrector_only=solver is None, calls=calls[step])
     return Solution(x, ts, torch.stack(xs) if xs is not None else None, counter.count)
 
 

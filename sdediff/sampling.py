@@ -19,27 +19,40 @@ DEFAULT_T_END = 1e-3
 
 
 class _ScoreMonitor:
-    """Adds up the checksums of all scores on the device, read only if the integration fails (no host sync).
+    """The checksum of every score, kept on the device and read only if the integration fails (no host sync).
 
-    A non-finite score makes the running total non-finite for good (inf + -inf is NaN), and one
-    0-d tensor is all it keeps, however many calls an adaptive solver makes (the checksums are
-    detached, so no graph links them; scores of mixed precision add up in the wider dtype).
+    A failure then tells whether a score was non-finite by the end of the step in which the state
+    first was (the score is to blame) or only later (the state overflowed and fed it infinities).
+    The checksums are detached, and stacked every ``chunk`` calls, so the thousands of calls of an
+    adaptive solver keep a few tensors and no graph; scores of mixed precision stack in the wider dtype.
     """
 
+    chunk = 256
+
     def __init__(self, score_fn):
-        self.score_fn, self.total = score_fn, None
+        self.score_fn, self._stacked, self._recent, self._calls = score_fn, [], [], 0
 
     def __call__(self, x, t):
         score = self.score_fn(x, t)
-        if isinstance(score, torch.Tensor):
-            s = checksum(score)
-            self.total = s if self.total is None else self.total + s
+        if isinstance(score, torch.Tensor):  # anything else is refused by the caller, which stops the run
+            self._calls += 1
+            self._recent.append(checksum(score))
+            if len(self._recent) == self.chunk:
+                self._stacked.append(torch.stack(self._recent))
+                self._recent = []
         return score
 
-    def saw_nonfinite(self) -> bool:
-        return self.total is not None and not bool(torch.isfinite(self.total))
+    @property
+    def calls(self) -> int:
+        return self._calls
 
-
+    def first_nonfinite(self, since: int = 0) -> int | None:
+        """The index, counted from call ``since``, of the first non-finite score; None if all were finite (a host sync)."""
+        sums = self._stacked + ([torch.stack(self._recent)] if self._recent else [])
+        if not sums:
+            return None
+        bad = (~torch.isfinite(torch.cat(sums)[since:])).nonzero()
+        return int(bad[0]) if len(bad) else None
 def _start(score_fn, sde, x, generator, device, dtype):
     """Validate the common inputs; draw ``x`` from the prior when it is a shape."""
     check_sde(sde)
@@ -71,11 +84,15 @@ def _prepare(score_fn, sde, x, solver, steps, default_steps, t_start, t_end, gri
 
 
 def _run(term, x, ts, monitor: _ScoreMonitor, **kwargs) -> Solution:
+    start = monitor.calls  # a monitor may serve several runs (inpainting's resampling)
     try:
         return integrate(term, x, ts, **kwargs)
     except NonFiniteError as err:
-        if monitor.saw_nonfinite():
-            raise NonFiniteError(f"{err}: score_fn returned non-finite values") from None
+        first = monitor.first_nonfinite(start)
+        # Blamed only if the score failed by the end of the state's failing step; unknown steps
+        # (an adaptive or external solver) blame any non-finite score.
+        if first is not None and (err.calls is None or first < err.calls):
+            raise NonFiniteError(f"{err}: score_fn returned non-finite values", calls=err.calls) from None
         raise
 
 

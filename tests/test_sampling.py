@@ -183,6 +183,31 @@ def test_non_finite_score_is_reported_with_step_and_time():
         sd.sample_ode(broken, sde, (4, 2), steps=50, solver="euler", t_end=0.02)
 
 
+def test_a_score_that_fails_after_many_calls_is_still_blamed():
+    """400 Euler steps (h = 0.0025 of a uniform grid), NaN below t = 0.3: the first bad score is
+    call 281 (t_281 = 0.2993), past the monitor's first stack of 256 checksums, and it comes in the
+    step where the state fails (so it is blamed)."""
+    sde = sd.VPSDE()
+
+    def broken(x, t):
+        return torch.where((t < 0.3)[:, None], torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(sd.NonFiniteError, match=r"after step 281 .*score_fn returned") as err:
+        sd.sample_ode(broken, sde, torch.ones(4, 2, dtype=torch.float64), steps=400, solver="euler",
+                      grid="uniform", t_end=0.0025)
+    assert err.value.calls == 282
+
+
+def test_an_overflowing_state_is_not_blamed_on_the_score():
+    """score = -x is finite wherever x is. On VESDE(sigma_max=1e6) Euler with 8 uniform steps grows
+    the state by ~1e11 per step until it overflows float32 after step 4; the score of that infinite
+    state is infinite, but it came after the state failed: the solver, not score_fn, is at fault."""
+    sde = sd.VESDE(sigma_max=1e6)
+    with pytest.raises(sd.NonFiniteError, match=r"after step 4 \(t = 0\.5005 -> 0\.375625\)$") as err:
+        sd.sample_ode(lambda x, t: -x, sde, torch.ones(4, 2), steps=8, solver="euler", grid="uniform")
+    assert err.value.calls == 5
+
+
 def test_non_finite_state_is_reported_with_step_and_time():
     """x' = x^2 from x=1 blows up at t=1; Euler with h = 0.5 overflows float64 at its 13th step (0-based 12)."""
     term = sd.ODETerm(lambda x, t: x * x)
