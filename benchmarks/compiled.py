@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import platform
 import statistics
@@ -139,10 +138,7 @@ def main(argv=None):
             "model": f"MLP {DIM}+16 time features -> hidden -> hidden -> {DIM}, SiLU, float32",
             "cpu": platform.processor() or platform.machine(),
             "gpu": torch.cuda.get_device_name(device) if cuda else None, "torch": torch.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    print(f"wrote {out}")
+    timing.write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ one warm-up, in ms. Results: ``benchmarks/results/divergence.json``; the table i
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,6 +23,7 @@ from sdediff.likelihood import _divergence_field
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from likelihood import make_problem  # noqa: E402
+import timing  # noqa: E402
 from timing import timed  # noqa: E402
 
 
@@ -61,12 +61,9 @@ def main(argv=None):
                                                   for _ in range(args.repeats)))
                 rows.append({"batch": batch, "score": name, "chunk_size": chunk, "ms": ms[-1]})
             print(f"| {batch} | {name} | " + " | ".join(f"{v:.1f} ms" for v in ms) + " |", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "t": 0.3, "sde": "VPSDE()", "dtype": "float64", "dim": 64}
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    print(f"wrote {out}")
+    timing.write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import inspect
-import json
 import math
 import platform
 import statistics
@@ -373,7 +372,6 @@ def main(argv=None):
     results_dir = Path(__file__).resolve().parent / "results"
     default_name = "overhead" + ("_heap_kept" if heap_kept else "") + ("" if flushed else "_subnormals_kept")
     out = Path(args.out) if args.out else results_dir / f"{default_name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "threads": torch.get_num_threads(),
             "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
             "model": f"MLP {DIM}+{TIME_FEATURES} time features -> {HIDDEN} -> {HIDDEN} -> {DIM}, SiLU, float32, "
@@ -392,8 +390,7 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name(device) if cuda else None,
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          **{d: peers.version(d) for d in ("sdediff", "k-diffusion", "diffusers", "torchdiffeq")}}}
-    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"wrote {out}")
+    timing.write_results(out, meta, results)
 
 
 if __name__ == "__main__":

@@ -150,10 +150,7 @@ def main(argv=None):
             "processes": args.processes, "solver": "dpmpp_2m", "threads": 1, "subnormals": "flushed",
             "allocator": "heap kept (glibc mallopt)", "ratio": "median over rounds of variant time / bare-loop time",
             "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "results": rows}, indent=1))
-    print(f"wrote {out}")
+    timing.write_results(args.out, meta, rows)
 
 
 if __name__ == "__main__":

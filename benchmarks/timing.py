@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -37,3 +39,11 @@ def set_denormals(mode: str) -> bool:
     if mode not in DENORMALS:
         raise ValueError(f"denormals must be one of {DENORMALS}, got {mode!r}")
     return bool(torch.set_flush_denormal(mode == "flush")) and mode == "flush"
+
+
+def write_results(path, meta: dict, results: list) -> None:
+    """Write ``{"meta": meta, "results": results}`` as JSON to ``path`` (folders made as needed) and say so."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"wrote {path}")
