@@ -31,15 +31,16 @@ so does the order of the samplers), for ``--repeats`` rounds, all in one process
 median over rounds of sampler time / bare-loop time, so all three see the same load on a shared
 machine; ``ratio_to_replay`` likewise. The ratios of the medians and of the minima are recorded
 too, the overhead in microseconds per model call (median over rounds of sampler time minus
-bare-loop time, divided by the calls), and the minor page faults per run. ``--allocator keep``
-asks glibc to keep freed heap memory, so no loop pays for page faults after heap trimming.
+bare-loop time, divided by the calls), and the minor page faults per run. glibc is asked to keep
+freed heap memory, so no loop pays for page faults after heap trimming, which hit some processes
+and not others (``--allocator default`` leaves glibc's trimming on).
 Subnormal floats are flushed to zero (``--denormals keep`` keeps them): the untrained MLP drives
 the probability-flow states to |x| ~ 800, where SiLU underflows through subnormals and the model
 alone costs 10-14% more than on the fixed ``x`` of the bare loop, a cost of the test model that a
 trained one, whose states stay in the data's range, does not have.
 ``torch.set_num_threads(--threads)`` (default 1) is fixed and recorded. ``--device cuda``
 synchronizes once after each timed run. Results go to ``benchmarks/results/overhead.json``
-(``overhead_heap_kept.json`` with ``--allocator keep``, ``overhead_subnormals_kept.json`` with
+(``overhead_glibc_trim.json`` with ``--allocator default``, ``overhead_subnormals_kept.json`` with
 ``--denormals keep``).
 """
 
@@ -106,11 +107,12 @@ def parse_args(argv=None):
     p.add_argument("--denormals", choices=timing.DENORMALS, default="flush",
                    help="'flush' (default): subnormal floats flushed to zero, so the test model costs the same at "
                         "every state; 'keep': IEEE subnormals (the untrained MLP's large states then slow SiLU)")
-    p.add_argument("--allocator", choices=("default", "keep"), default="default",
-                   help="'keep': glibc mallopt so freed heap memory is kept (no page faults from heap trimming)")
+    p.add_argument("--allocator", choices=("default", "keep"), default="keep",
+                   help="'keep' (default): glibc mallopt so freed heap memory is kept (no page faults from heap "
+                        "trimming); 'default': glibc's own settings")
     p.add_argument("--out", default=None,
-                   help="JSON path (default benchmarks/results/overhead.json; overhead_heap_kept.json with "
-                        "--allocator keep, overhead_subnormals_kept.json with --denormals keep)")
+                   help="JSON path (default benchmarks/results/overhead.json; overhead_glibc_trim.json with "
+                        "--allocator default, overhead_subnormals_kept.json with --denormals keep)")
     return p.parse_args(argv)
 
 
@@ -370,7 +372,7 @@ def main(argv=None):
               f"{row['page_faults_per_run']:6.0f}")
 
     results_dir = Path(__file__).resolve().parent / "results"
-    default_name = "overhead" + ("_heap_kept" if heap_kept else "") + ("" if flushed else "_subnormals_kept")
+    default_name = "overhead" + ("" if heap_kept else "_glibc_trim") + ("" if flushed else "_subnormals_kept")
     out = Path(args.out) if args.out else results_dir / f"{default_name}.json"
     meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "threads": torch.get_num_threads(),
             "batch": args.batch, "steps": args.steps, "repeats": args.repeats, "warmup": args.warmup,
