@@ -23,6 +23,8 @@ class _ScoreMonitor:
 
     A failure then tells whether a score was non-finite by the end of the step in which the state
     first was (the score is to blame) or only later (the state overflowed and fed it infinities).
+    Stages inside a step are not checked, so with several calls per step a stage's overflow in
+    the failing step still counts against the score.
     The checksums are detached, and stacked every ``chunk`` calls, so the thousands of calls of an
     adaptive solver keep a few tensors and no graph; scores of mixed precision stack in the wider dtype.
     """

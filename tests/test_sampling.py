@@ -183,6 +183,20 @@ def test_non_finite_score_is_reported_with_step_and_time():
         sd.sample_ode(broken, sde, (4, 2), steps=50, solver="euler", t_end=0.02)
 
 
+@pytest.mark.parametrize("solver", ["heun", "rk4", "dpm_solver_2", "dpm_solver_3", "dpmpp_2m", "unipc"])
+def test_a_score_failing_at_any_stage_of_a_step_is_blamed(solver):
+    """NaN below t = 0.5 on finite states: whether the first bad call is a step's first or one of
+    its inner stages, it comes by the end of the step whose state fails, so the score is blamed."""
+    sde = sd.VPSDE()
+
+    def broken(x, t):
+        return torch.where((t < 0.5)[:, None], torch.full_like(x, float("nan")), -x)
+
+    with pytest.raises(sd.NonFiniteError, match=r"score_fn returned non-finite values") as err:
+        sd.sample_ode(broken, sde, torch.ones(4, 2, dtype=torch.float64), steps=7, solver=solver, grid="uniform")
+    assert err.value.calls is not None
+
+
 def test_a_score_that_fails_after_many_calls_is_still_blamed():
     """400 Euler steps (h = 0.0025 of a uniform grid), NaN below t = 0.3: the first bad score is
     call 281 (t_281 = 0.2993), past the monitor's first stack of 256 checksums, and it comes in the
