@@ -16,7 +16,7 @@ the two results, relative to the largest entry, checks that they computed the sa
 so about 1e-6 from reassociated sums is expected). Subnormal floats are flushed to zero
 (``--denormals keep`` keeps them): the sampler's states grow to |x| ~ 800 with this untrained MLP,
 the bare loop's do not, and SiLU underflowing through subnormals there would be charged to the
-solver (1.07-1.08 instead of 1.03 for the 512 x 256 MLP).
+solver (1.07-1.08 instead of 1.01-1.05 for the 512 x 256 MLP).
 
 Results: ``benchmarks/results/compiled.json`` (``--out``). ``--device cuda`` synchronizes after
 each timed call.

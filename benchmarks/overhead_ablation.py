@@ -96,9 +96,9 @@ def variants(model, x, steps):
     def sample_ode():
         return sdediff.sample_ode(model, sde, x, steps=steps, solver="dpmpp_2m", t_end=1e-3).x
 
-    return {"bare": bare, "floor": overhead.multistep_floor(model, x, cs), "plain": plain(False), "plain + checksum": plain(True),
-            "solver layers": layers, "integrate, no checksum": integrate(False), "integrate": integrate(True),
-            "sample_ode": sample_ode}
+    return {"bare": bare, "floor": overhead.multistep_floor(model, x, cs), "plain": plain(False),
+            "plain + checksum": plain(True), "solver layers": layers, "integrate, no checksum": integrate(False),
+            "integrate": integrate(True), "sample_ode": sample_ode}
 
 
 def run(rounds, steps):

@@ -32,12 +32,11 @@ class _ScoreMonitor:
     chunk = 256
 
     def __init__(self, score_fn):
-        self.score_fn, self._stacked, self._recent, self._calls = score_fn, [], [], 0
+        self.score_fn, self._stacked, self._recent = score_fn, [], []
 
     def __call__(self, x, t):
         score = self.score_fn(x, t)
         if isinstance(score, torch.Tensor):  # anything else is refused by the caller, which stops the run
-            self._calls += 1
             self._recent.append(checksum(score))
             if len(self._recent) == self.chunk:
                 self._stacked.append(torch.stack(self._recent))
@@ -46,7 +45,8 @@ class _ScoreMonitor:
 
     @property
     def calls(self) -> int:
-        return self._calls
+        """The score calls recorded so far."""
+        return self.chunk * len(self._stacked) + len(self._recent)
 
     def first_nonfinite(self, since: int = 0) -> int | None:
         """The index, counted from call ``since``, of the first non-finite score; None if all were finite (a host sync)."""
@@ -55,6 +55,8 @@ class _ScoreMonitor:
             return None
         bad = (~torch.isfinite(torch.cat(sums)[since:])).nonzero()
         return int(bad[0]) if len(bad) else None
+
+
 def _start(score_fn, sde, x, generator, device, dtype):
     """Validate the common inputs; draw ``x`` from the prior when it is a shape."""
     check_sde(sde)
