@@ -55,9 +55,16 @@ class SDE:
 
         Each of these is a separate small kernel per step (several microseconds on a CPU);
         overrides share the schedule's evaluation between the two. A subclass that redefines
-        ``_drift_coef`` or ``_g2`` of a process that overrides this must redefine it too.
+        ``_drift_coef`` or ``_g2`` without this gets this generic pair back (``__init_subclass__``).
         """
         return self._drift_coef(t), self._g2(t)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # A parent's fused shortcut would silently ignore a subclass's own f or g^2.
+        own = vars(cls)
+        if ("_drift_coef" in own or "_g2" in own) and "_f_g2" not in own:
+            cls._f_g2 = SDE._f_g2
 
     def _log_snr(self, t: torch.Tensor) -> torch.Tensor:
         alpha, sigma = self._alpha_sigma(t)

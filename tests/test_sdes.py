@@ -412,6 +412,26 @@ def test_reverse_drift_is_f_x_minus_weighted_g2_score(sde, stochasticity):
         torch.testing.assert_close(process.drift(x, t), expected, rtol=1e-13, atol=1e-13)
 
 
+def test_reverse_drift_follows_a_subclass_that_redefines_f_or_g2():
+    """The VP and sub-VP processes fuse f and g^2 into one evaluation; a subclass that redefines
+    only one of them must still be sampled with its own (fails if the parent's shortcut is kept)."""
+
+    class DoubleNoiseVP(VPSDE):
+        def _g2(self, t):
+            return 2.0 * self.schedule.beta(t)
+
+    class NoDriftSubVP(SubVPSDE):
+        def _drift_coef(self, t):
+            return torch.zeros_like(t)
+
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
+    t = _t(0.4)
+    for sde in (DoubleNoiseVP(), NoDriftSubVP()):
+        f, g2 = sde._drift_coef(t), sde._g2(t)
+        expected = f * x - 0.5 * g2 * (-x)
+        torch.testing.assert_close(sde.reverse(lambda y, s: -y, 0.0).drift(x, t), expected, rtol=1e-14, atol=0)
+
+
 def test_reverse_drift_takes_the_wider_of_the_state_and_score_dtypes(sde):
     """A half-precision score (an autocast network) with a float32 state gives a float32 drift on
     every SDE, with or without an ``f x`` term, so the solver adds it to x without another rounding."""
