@@ -2,7 +2,7 @@
 
 For each network size (``--sizes``, ``batch x hidden``; default a small MLP at 512 x 256, as in
 ``overhead.py``, and a tiny one at 64 x 64, where per-operation costs dominate) and each step count
-(``--steps``, default 10 and 25), the same solver (``--solver``, default ``sample_ode``'s default)
+(``--steps``, default 10, 25 and 50, the last as in ``overhead.py``), the same solver (``--solver``, default ``sample_ode``'s default)
 runs eagerly (``sample_ode``) and compiled (``CompiledODESampler``; on CUDA ``mode="auto"`` captures
 the loop as a CUDA graph with ``mode="reduce-overhead"``, on the CPU Inductor fuses it). The first
 compiled call's wall time (tracing and compiling) is reported apart. Then ``--repeats`` rounds time
@@ -16,7 +16,10 @@ the two results, relative to the largest entry, checks that they computed the sa
 so about 1e-6 from reassociated sums is expected). Subnormal floats are flushed to zero
 (``--denormals keep`` keeps them): the sampler's states grow to |x| ~ 800 with this untrained MLP,
 the bare loop's do not, and SiLU underflowing through subnormals there would be charged to the
-solver (1.07-1.08 instead of 1.01-1.05 for the 512 x 256 MLP).
+solver (1.07-1.08 instead of 1.02-1.03 for the 512 x 256 MLP). glibc is asked to keep freed heap
+memory (``--allocator default`` leaves its trimming on), as in ``overhead.py``: with trimming,
+the compiled sampler took twice the bare loop's page faults in one run (1.06 instead of 1.03);
+the minor page faults per run are recorded.
 
 Results: ``benchmarks/results/compiled.json`` (``--out``). ``--device cuda`` synchronizes after
 each timed call.
@@ -48,11 +51,13 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--sizes", default="512x256,64x64", help="comma-separated batch x hidden width")
-    p.add_argument("--steps", default="10,25", help="comma-separated step counts")
+    p.add_argument("--steps", default="10,25,50", help="comma-separated step counts")
     p.add_argument("--solver", default=inspect.signature(sdediff.sample_ode).parameters["solver"].default)
     p.add_argument("--repeats", type=int, default=31)
     p.add_argument("--denormals", choices=timing.DENORMALS, default="flush",
                    help="'flush' (default): subnormal floats flushed to zero (see overhead.py); 'keep': IEEE")
+    p.add_argument("--allocator", choices=("default", "keep"), default="keep",
+                   help="'keep' (default): glibc keeps freed heap memory, as in overhead.py; 'default': glibc's trimming")
     p.add_argument("--keep-cache", action="store_true",
                    help="use Inductor's usual cache folder (default: a fresh one, so compile times are from scratch)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "compiled.json"))
@@ -64,6 +69,7 @@ def main(argv=None):
     if not args.keep_cache:  # compile times from scratch: Inductor's on-disk caches in a fresh folder
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sdediff-inductor-")
     flushed = timing.set_denormals(args.denormals)
+    heap_kept = timing.keep_heap() if args.allocator == "keep" else False
     torch.set_num_threads(args.threads)
     # One-time toolchain start-up (Inductor's imports, the C++ compiler's first run) is paid here,
     # untimed, so that the first configuration's compile time is comparable with the others'.
@@ -111,11 +117,15 @@ def main(argv=None):
                 diff = ((compiled_out - eager_out).abs().max() / eager_out.abs().max()).item()
                 for _ in range(2):
                     timed(eager), timed(compiled), timed(compiled_bare)
-                runs = []
+                runs, faults = [], {"eager": [], "compiled": [], "compiled_bare": []}
                 for r in range(args.repeats):
                     order = [eager, compiled, compiled_bare]
                     order = order[r % 3:] + order[:r % 3]
-                    got = {fn.__name__: timed(fn)[0] for fn in order}
+                    got = {}
+                    for fn in order:
+                        before = timing.minor_faults()
+                        got[fn.__name__] = timed(fn)[0]
+                        faults[fn.__name__].append(timing.minor_faults() - before)
                     runs.append((got["eager"], got["compiled"], got["compiled_bare"]))
             row = {"batch": batch, "hidden": hidden, "steps": steps, "solver": args.solver,
                    "compile_s": compile_s, "eager_ms": 1e3 * statistics.median(r[0] for r in runs),
@@ -123,17 +133,20 @@ def main(argv=None):
                    "compiled_bare_euler_ms": 1e3 * statistics.median(r[2] for r in runs),
                    "speedup": statistics.median(r[0] / r[1] for r in runs),
                    "overhead_vs_compiled_bare": statistics.median(r[1] / r[2] for r in runs),
-                   "bare_compile_s": bare_compile_s, "max_rel_diff": diff}
+                   "bare_compile_s": bare_compile_s, "max_rel_diff": diff,
+                   "page_faults_per_run": {k: statistics.median(v) for k, v in faults.items()}}
             rows.append(row)
             print(f"batch {batch:4d} hidden {hidden:4d} steps {steps:3d}: compile {compile_s:6.1f} s, "
                   f"eager {row['eager_ms']:8.2f} ms, compiled {row['compiled_ms']:8.2f} ms, "
                   f"speed-up {row['speedup']:.2f}x, compiled / compiled bare Euler loop "
-                  f"{row['overhead_vs_compiled_bare']:.3f}, max rel diff {diff:.1e}", flush=True)
+                  f"{row['overhead_vs_compiled_bare']:.3f}, max rel diff {diff:.1e}, page faults per run "
+                  f"{row['page_faults_per_run']}", flush=True)
 
     mode = "reduce-overhead (CUDA graphs)" if cuda else "Inductor default"
     meta = {"date": time.strftime("%Y-%m-%d"), "device": str(device), "threads": torch.get_num_threads(),
             "mode": mode, "repeats": args.repeats,
             "subnormals": "flushed to zero (torch.set_flush_denormal)" if flushed else "kept (IEEE)",
+            "allocator": "heap kept (glibc mallopt: no trimming)" if heap_kept else "default",
             "inductor_cache": "usual folder" if args.keep_cache else "fresh temporary folder, after an untimed warm-up",
             "model": f"MLP {DIM}+16 time features -> hidden -> hidden -> {DIM}, SiLU, float32",
             "cpu": platform.processor() or platform.machine(),

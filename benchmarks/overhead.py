@@ -47,7 +47,6 @@ synchronizes once after each timed run. Results go to ``benchmarks/results/overh
 from __future__ import annotations
 
 import argparse
-import ctypes
 import inspect
 import math
 import platform
@@ -55,11 +54,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
 
 import torch
 from torch import nn
@@ -257,30 +251,9 @@ def replay(model, calls):
     return fn
 
 
-def keep_heap() -> bool:
-    """Ask glibc's malloc to keep freed memory (no heap trimming, tensors up to 32 MiB on the heap).
-
-    By default glibc returns the top of the heap to the system once more than about twice the
-    largest recently freed block is free, and every later allocation that regrows it touches fresh
-    pages. Whether a loop's allocations trigger that varies from process to process (the heap's
-    layout), and the page faults cost several percent here. False where this is not glibc.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD; each is tried, whatever the others return
-        return all([libc.mallopt(opt, value) == 1 for opt, value in ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20))])
-    except (OSError, AttributeError):
-        return False
-
-
-def minor_faults() -> int:
-    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
-
-
 def main(argv=None):
     args = parse_args(argv)
-    heap_kept = keep_heap() if args.allocator == "keep" else False
+    heap_kept = timing.keep_heap() if args.allocator == "keep" else False
     if args.allocator == "keep" and not heap_kept:
         print("note: --allocator keep needs glibc; glibc's settings may be partly or not at all changed")
     flushed = timing.set_denormals(args.denormals)
@@ -309,9 +282,9 @@ def main(argv=None):
             replay_fn[name] = replay(model, recorder.calls)
 
         def timed(fn):
-            faults = minor_faults()
+            faults = timing.minor_faults()
             dt, out = timing.timed(fn, device)
-            faults = minor_faults() - faults
+            faults = timing.minor_faults() - faults
             if not bool(torch.isfinite(out).all()):
                 raise FloatingPointError("a loop produced non-finite values")
             return dt, faults

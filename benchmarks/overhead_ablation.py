@@ -103,7 +103,7 @@ def variants(model, x, steps):
 
 def run(rounds, steps):
     timing.set_denormals("flush")
-    overhead.keep_heap()
+    timing.keep_heap()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = overhead.MLP().eval()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import time
 from pathlib import Path
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 
@@ -47,3 +53,24 @@ def write_results(path, meta: dict, results: list) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"wrote {path}")
+
+
+def keep_heap() -> bool:
+    """Ask glibc's malloc to keep freed memory (no heap trimming, tensors up to 32 MiB on the heap).
+
+    By default glibc returns the top of the heap to the system once more than about twice the
+    largest recently freed block is free, and every later allocation that regrows it touches fresh
+    pages. Whether a loop's allocations trigger that varies from process to process (the heap's
+    layout), and the page faults cost several percent here. False where this is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        # M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD; each is tried, whatever the others return
+        return all([libc.mallopt(opt, value) == 1 for opt, value in ((-1, 1 << 30), (-2, 64 << 20), (-3, 32 << 20))])
+    except (OSError, AttributeError):
+        return False
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where ``resource`` is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
