@@ -19,9 +19,9 @@ import torch
 
 from . import _checks
 from ._tensors import checksum
-from .integrate import Solution, _raise_nonfinite, advance
+from .integrate import NonFiniteError, Solution, _raise_nonfinite, advance
 from .reverse import ReverseProcess
-from .sampling import DEFAULT_ODE_SOLVER, _solver_grid
+from .sampling import DEFAULT_ODE_SOLVER, _solver_grid, blame_score, first_nonfinite
 from .sdes import SDE, check_sde
 from .solvers.base import get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver
@@ -69,13 +69,24 @@ class _CompiledSampler:
         return None
 
     def _loop(self, x, noise, ts, state):
+        """``(x at the last time, the state's checksum after each step, each score call's checksum)``."""
         times = ts.unbind()
-        sums = []
+        sums, score_sums = [], []
+        score_fn = self.term.process.score_fn
+
+        def recorded(y, t):  # sample_ode's score monitor, traced with the loop
+            score = score_fn(y, t)
+            if isinstance(score, torch.Tensor):  # anything else is refused by the process
+                score_sums.append(checksum(score))
+            return score
+
+        process = self.term.process.with_score_fn(recorded)
+        term = process.ode_term() if self.kind == "ode" else process.sde_term()
         for i in range(len(times) - 1):
-            x, state = advance(self.solver, self.term, x, times[i], times[i + 1], state,
+            x, state = advance(self.solver, term, x, times[i], times[i + 1], state,
                                self._increment(i, times[i], times[i + 1], noise))
             sums.append(checksum(x))
-        return x, torch.stack(sums)
+        return x, torch.stack(sums), torch.stack(score_sums)
 
     def _program(self, x: torch.Tensor):
         mode = self.mode
@@ -105,11 +116,13 @@ class _CompiledSampler:
         # (in the CUDA graph's pool, too), and a change of grad mode would compile it again.
         with torch.no_grad():
             ts, loop = self._program(x)
-            out, sums = loop(x, noise)
-            out, sums = out.clone(), sums.clone()
-        finite = torch.isfinite(sums)
-        if not bool(finite.all()):  # the one host sync
-            _raise_nonfinite(int((~finite).nonzero()[0]), ts)
+            out, sums, score_sums = (v.clone() for v in loop(x, noise))
+        step = first_nonfinite(sums)  # the one host sync
+        if step is not None:
+            try:
+                _raise_nonfinite(step, ts, calls=(step + 1) * self.solver.evals_per_step)
+            except NonFiniteError as err:
+                raise blame_score(err, first_nonfinite(score_sums)) from None
         # A call counter inside the traced loop would be guarded on and force a recompile per call;
         # the count is fixed by the solver instead (tests check it against the eager loops' counts).
         return Solution(out, ts.clone(), None, self.steps * self.solver.evals_per_step)  # the loop reads ts
@@ -125,8 +138,8 @@ _COMMON = """``score_fn(x, t)`` with ``x: (batch, *dims)``, ``t: (batch,)``; it 
     compiles once; an eager score call before the first trace lets a score fill its lazy caches.
     The returned ``x`` is a fresh tensor (CUDA graph outputs are copied out of the graph's memory
     pool, which the next replay overwrites). Non-finite states raise
-    :class:`~sdediff.NonFiniteError` naming the step, as in the eager loop (without the eager
-    loop's separate check of the score's values)."""
+    :class:`~sdediff.NonFiniteError` naming the step, and the score when it failed first, as in
+    the eager loop."""
 
 
 class CompiledODESampler(_CompiledSampler):

@@ -68,7 +68,7 @@ class ReverseProcess:
         if t.dim():  # per-sample times (a 0-d coefficient broadcasts as it is)
             f, c = (None if f is None else bcast(f, x)), bcast(c, x)
         if f is None:  # no f x term; the result still takes x's dtype where it is the wider one
-            return (c * score).to(torch.result_type(x, score))
+            return (c * score).to(torch.promote_types(x.dtype, score.dtype))  # (result_type does not trace)
         return torch.addcmul(f * x, c, score)
 
     def diffusion(self, t: torch.Tensor) -> torch.Tensor:

@@ -51,10 +51,21 @@ class _ScoreMonitor:
     def first_nonfinite(self, since: int = 0) -> int | None:
         """The index, counted from call ``since``, of the first non-finite score; None if all were finite (a host sync)."""
         sums = self._stacked + ([torch.stack(self._recent)] if self._recent else [])
-        if not sums:
-            return None
-        bad = (~torch.isfinite(torch.cat(sums)[since:])).nonzero()
-        return int(bad[0]) if len(bad) else None
+        return first_nonfinite(torch.cat(sums)[since:]) if sums else None
+
+
+def first_nonfinite(sums: torch.Tensor) -> int | None:
+    """The index of the first non-finite entry of the 1-D ``sums``; None if all are finite (a host sync)."""
+    bad = (~torch.isfinite(sums)).nonzero()
+    return int(bad[0]) if len(bad) else None
+
+
+def blame_score(err: NonFiniteError, first_bad_score: int | None) -> NonFiniteError:
+    """``err``, naming the score if its first non-finite call (index ``first_bad_score``) came by the
+    end of the state's failing step (``err.calls`` calls; unknown steps, ``calls=None``, blame any)."""
+    if first_bad_score is not None and (err.calls is None or first_bad_score < err.calls):
+        return NonFiniteError(f"{err}: score_fn returned non-finite values", calls=err.calls)
+    return err
 
 
 def _start(score_fn, sde, x, generator, device, dtype):
@@ -92,12 +103,10 @@ def _run(term, x, ts, monitor: _ScoreMonitor, **kwargs) -> Solution:
     try:
         return integrate(term, x, ts, **kwargs)
     except NonFiniteError as err:
-        first = monitor.first_nonfinite(start)
-        # Blamed only if the score failed by the end of the state's failing step; unknown steps
-        # (an adaptive or external solver) blame any non-finite score.
-        if first is not None and (err.calls is None or first < err.calls):
-            raise NonFiniteError(f"{err}: score_fn returned non-finite values", calls=err.calls) from None
-        raise
+        blamed = blame_score(err, monitor.first_nonfinite(start))
+        if blamed is err:
+            raise
+        raise blamed from None
 
 
 def sample_ode(score_fn, sde: SDE, x, *, steps: int | None = None, solver=DEFAULT_ODE_SOLVER,

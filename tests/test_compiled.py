@@ -45,9 +45,10 @@ def test_traced_loop_equals_sample_ode(solver):
     assert not torch.equal(got.x, prior_draws(VPSDE()))  # it moved
 
 
+@pytest.mark.parametrize("solver", ["unipc", "heun"])  # on the data prediction, and on the drift
 @pytest.mark.parametrize("sde_name", ["vp_cosine", "subvp_linear", "ve", "edm"])
-def test_traced_loop_on_every_process(sde_name):
-    _, got, ref = run_both(SDE_FACTORIES[sde_name](), steps=5, grid="karras")
+def test_traced_loop_on_every_process(sde_name, solver):
+    _, got, ref = run_both(SDE_FACTORIES[sde_name](), steps=5, grid="karras", solver=solver)
     assert (got.x - ref.x).abs().max().item() <= 1e-12 * max(1.0, ref.x.abs().max().item())
 
 
@@ -121,9 +122,50 @@ def test_non_finite_state_names_the_step():
         return torch.where(t[:, None] < 0.5, torch.full_like(x, math.inf), -x)
 
     sampler = CompiledODESampler(score, sde, steps=5, solver="euler", grid="uniform", backend="eager")
-    with pytest.raises(NonFiniteError, match=r"after step 3 \(t = 0\.4006"):
+    with pytest.raises(NonFiniteError, match=r"after step 3 \(t = 0\.4006.*score_fn returned non-finite") as err:
         sampler(prior_draws(sde))
     assert ts[3].item() < 0.5 < ts[2].item()
+    assert err.value.calls == 4
+
+
+@pytest.mark.parametrize("solver", ["heun", "rk4", "dpm_solver_3", "unipc"])
+def test_a_score_failing_at_any_stage_is_blamed_as_in_sample_ode(solver):
+    """The traced loop records each score call's checksum as sample_ode's monitor does: the same
+    failing step, the same call count and the same verdict, for one and several calls per step."""
+    sde = VPSDE()
+
+    def broken(x, t):
+        return torch.where((t < 0.5)[:, None], torch.full_like(x, float("nan")), -x)
+
+    x = torch.ones(4, 2, dtype=F64)
+    with pytest.raises(NonFiniteError) as eager:
+        sample_ode(broken, sde, x, steps=7, solver=solver, grid="uniform")
+    sampler = CompiledODESampler(broken, sde, steps=7, solver=solver, grid="uniform", backend="eager")
+    with pytest.raises(NonFiniteError, match="score_fn returned non-finite values") as compiled:
+        sampler(x)
+    assert str(compiled.value) == str(eager.value)
+    assert compiled.value.calls == eager.value.calls
+
+
+def test_an_overflowing_state_is_not_blamed_on_the_score():
+    """As in sample_ode: Euler on VESDE(sigma_max=1e6) overflows float32 after step 4; the score
+    -x of that infinite state is infinite too, but only after the state failed."""
+    sde = sdediff.VESDE(sigma_max=1e6)
+    sampler = CompiledODESampler(lambda x, t: -x, sde, steps=8, solver="euler", grid="uniform", backend="eager")
+    with pytest.raises(NonFiniteError, match=r"after step 4 \(t = 0\.5005 -> 0\.375625\)$") as err:
+        sampler(torch.ones(4, 2))
+    assert err.value.calls == 5
+
+
+def test_the_sde_sampler_blames_a_failing_score():
+    sde = VPSDE()
+
+    def broken(x, t):
+        return torch.where((t < 0.5)[:, None], torch.full_like(x, math.inf), -x)
+
+    sampler = CompiledSDESampler(broken, sde, steps=5, grid="uniform", backend="eager")
+    with pytest.raises(NonFiniteError, match=r"after step 3 .*score_fn returned non-finite"):
+        sampler(prior_draws(sde), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("kwargs, message", [
