@@ -16,7 +16,7 @@ the two results, relative to the largest entry, checks that they computed the sa
 so about 1e-6 from reassociated sums is expected). Subnormal floats are flushed to zero
 (``--denormals keep`` keeps them): the sampler's states grow to |x| ~ 800 with this untrained MLP,
 the bare loop's do not, and SiLU underflowing through subnormals there would be charged to the
-solver (1.07-1.08 instead of 1.02-1.03 for the 512 x 256 MLP). glibc is asked to keep freed heap
+solver (1.07-1.08 instead of 1.02-1.04 for the 512 x 256 MLP). glibc is asked to keep freed heap
 memory (``--allocator default`` leaves its trimming on), as in ``overhead.py``: with trimming,
 the compiled sampler took twice the bare loop's page faults in one run (1.06 instead of 1.03);
 the minor page faults per run are recorded.
