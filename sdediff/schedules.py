@@ -156,7 +156,9 @@ class DiscreteSchedule(Schedule):
 
     def beta(self, t):
         idx = torch.clamp(torch.ceil(t * self.N).long() - 1, 0, self.N - 1)
-        return self._knots(t)[2][idx]
+        # take, not [idx]: a 0-d index tensor would be read as a Python int (a host sync, and
+        # torch.compile cannot trace it)
+        return torch.take(self._knots(t)[2], idx)
 
     def log_alpha(self, t):
         tk, lk, _ = self._knots(t)
@@ -179,7 +181,8 @@ class DiscreteSchedule(Schedule):
 def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
     """Piecewise-linear interpolation of knots ``(xp, fp)``, ``xp`` increasing; linear extrapolation."""
     idx = torch.clamp(torch.searchsorted(xp, x.detach().contiguous()), 1, xp.numel() - 1)
-    x0, x1, f0, f1 = xp[idx - 1], xp[idx], fp[idx - 1], fp[idx]
+    x0, x1 = torch.take(xp, idx - 1), torch.take(xp, idx)
+    f0, f1 = torch.take(fp, idx - 1), torch.take(fp, idx)
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
 

@@ -46,7 +46,7 @@ def test_traced_loop_equals_sample_ode(solver):
 
 
 @pytest.mark.parametrize("solver", ["unipc", "heun"])  # on the data prediction, and on the drift
-@pytest.mark.parametrize("sde_name", ["vp_cosine", "subvp_linear", "ve", "edm"])
+@pytest.mark.parametrize("sde_name", sorted(SDE_FACTORIES))
 def test_traced_loop_on_every_process(sde_name, solver):
     _, got, ref = run_both(SDE_FACTORIES[sde_name](), steps=5, grid="karras", solver=solver)
     assert (got.x - ref.x).abs().max().item() <= 1e-12 * max(1.0, ref.x.abs().max().item())
@@ -218,6 +218,18 @@ def test_traced_sde_loop_equals_sample_sde(solver, noise_free_last_step):
         noise[-1] += 1.0
         again = CompiledSDESampler(score, sde, backend="eager", **kwargs)(x, noise=noise)
         assert torch.equal(again.x, got.x)
+
+
+@pytest.mark.parametrize("sde_name", sorted(SDE_FACTORIES))
+def test_traced_sde_loop_on_every_process(sde_name):
+    """Euler–Maruyama reads the drift (f and g^2 of the schedule at a 0-d time) inside the graph."""
+    sde = SDE_FACTORIES[sde_name]()
+    score = mixture().score_fn(sde)
+    x = prior_draws(sde)
+    noise = torch.randn((5,) + x.shape, generator=torch.Generator().manual_seed(4), dtype=F64)
+    got = CompiledSDESampler(score, sde, steps=5, backend="eager")(x, noise=noise)
+    ref = sample_sde(score, sde, x, steps=5, brownian=replay(noise))
+    assert (got.x - ref.x).abs().max().item() <= 1e-12 * max(1.0, ref.x.abs().max().item())
 
 
 def test_sde_sampler_draws_its_noise_from_the_generator():
