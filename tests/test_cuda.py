@@ -4,6 +4,8 @@ Skipped without a GPU (the development machine has none); ``benchmarks/gpu_check
 with the benchmarks on a lent GPU machine.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -37,6 +39,38 @@ def test_sample_ode_on_cuda_matches_cpu(sde, solver):
         assert (gpu.x.cpu() - cpu.x).abs().max().item() < 1e-5
     else:
         assert gpu.nfe == cpu.nfe and (gpu.x.cpu() - cpu.x).abs().max().item() < 1e-9
+
+
+def _syncs(fn) -> int:
+    """The synchronizing CUDA operations ``fn()`` makes (``torch.cuda.set_sync_debug_mode``)."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun", "ddim", "unipc"])
+@pytest.mark.parametrize("sde", [VPSDE(), VPSDE.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=F64)), VESDE()],
+                         ids=["vp", "vp_discrete", "ve"])
+def test_fixed_step_sampling_makes_no_host_sync_per_step(sde, solver):
+    """As many host syncs at 20 steps as at 5 (the grid's checks and the final non-finite check),
+    with a score that makes none itself. A discrete schedule once indexed its knots with a 0-d
+    tensor, a sync at every evaluation."""
+    x = draws(sde).to(CUDA)
+
+    def run(steps):
+        return lambda: sample_ode(lambda y, t: -y, sde, x, steps=steps, solver=solver)
+
+    run(5)()  # warm-up: caches of the schedule's knots on the device, the multistep coefficients
+    run(20)()
+    few = _syncs(run(5))
+    assert few >= 1  # the final check is seen, so the count is not vacuous
+    assert _syncs(run(20)) == few
 
 
 @pytest.mark.parametrize("solver", ["euler_maruyama", "ancestral", "sde_dpmpp_2m", "srk"])
