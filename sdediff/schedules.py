@@ -155,7 +155,10 @@ class DiscreteSchedule(Schedule):
         return moved(self._on_device, like, (self._t_knots, self._log_alpha_knots, self._beta_pieces))
 
     def beta(self, t):
-        idx = torch.clamp(torch.ceil(t * self.N).long() - 1, 0, self.N - 1)
+        # beta_n on (n/N, (n+1)/N]; a time a few ulps above a knot (the float32 timestep (n+1)/N
+        # times N) counts as the knot, so a reverse step from it reads its own interval's beta
+        tn = t * self.N
+        idx = torch.clamp(torch.ceil(tn - 4.0 * torch.finfo(t.dtype).eps * tn.abs()).long() - 1, 0, self.N - 1)
         # take, not [idx]: a 0-d index tensor would be read as a Python int (a host sync, and
         # torch.compile cannot trace it)
         return torch.take(self._knots(t)[2], idx)

@@ -63,6 +63,18 @@ def test_discrete_schedule_log_alpha_is_piecewise_linear_through_knots(ddpm_beta
     torch.testing.assert_close(sched.t_from_log_alpha(sched.log_alpha(t)), t, rtol=1e-12, atol=0)
 
 
+def test_discrete_beta_on_every_float32_timestep_is_its_own_intervals(ddpm_betas):
+    """The reverse step from timestep n + 1 (t = (n+1)/N) reads beta_n. In float32, t N lands a
+    few ulps above n + 1 for some n (5 of 1000 here), which must not select beta_(n+1)."""
+    sched = DiscreteSchedule(ddpm_betas)
+    N = len(ddpm_betas)
+    knots = torch.arange(1, N + 1, dtype=F64) / N
+    expected = (-N * torch.log1p(-ddpm_betas)).to(torch.float32)
+    assert bool(((knots.float() * N).ceil() > torch.arange(1, N + 1)).any())  # the case exists
+    torch.testing.assert_close(sched.beta(knots.float()), expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sched.beta(knots), expected.double(), rtol=1e-6, atol=0)
+
+
 def test_schedule_validation():
     with pytest.raises(ValueError, match="s must be in"):
         CosineSchedule(s=0.0)
