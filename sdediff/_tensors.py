@@ -16,9 +16,22 @@ def moved(cache: dict, like: torch.Tensor, tensors) -> tuple:
     return cache[key]
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def time_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a loop carries its times in for states of ``dtype``: at least float32.
+
+    bfloat16 resolves 2^-8 near t = 1, so a 1000-step grid in it would repeat times and the grid
+    of any step count would be rounded; the solvers' coefficients come from these times, and a
+    0-d coefficient does not change the state's dtype.
+    """
+    return torch.float32 if dtype in HALF else dtype
+
+
 def checksum_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype :func:`checksum` sums ``dtype`` in: half precision accumulates in float32."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return torch.float32 if dtype in HALF else dtype
 
 
 def checksum(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

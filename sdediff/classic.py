@@ -18,6 +18,7 @@ import math
 import torch
 
 from . import _checks
+from ._tensors import time_dtype
 from .grids import DEFAULT_TRAIN_TIMESTEPS, discrete_time_grid
 from .models import LearnedVariance
 from .reverse import ReverseProcess
@@ -45,7 +46,7 @@ def sample_ddpm(score_fn, sde, x, *, steps: int | None = None, variance: str | N
     """
     x, monitor = _start(score_fn, sde, x, generator, device, dtype)
     ts = discrete_time_grid(sde, _default_steps(sde, steps, num_train_timesteps), spacing=spacing,
-                            num_train_timesteps=num_train_timesteps, dtype=x.dtype, device=x.device)
+                            num_train_timesteps=num_train_timesteps, dtype=time_dtype(x.dtype), device=x.device)
     if variance is None:
         variance = score_fn if isinstance(score_fn, LearnedVariance) else "beta"
     solver = Ancestral(variance, clip_x0, eps_from_clipped_x0=True)
@@ -68,7 +69,7 @@ def sample_ddim(score_fn, sde, x, *, steps: int = 50, eta: float = 0.0, spacing:
     eta = _checks.real("eta", eta, low=0.0)
     x, monitor = _start(score_fn, sde, x, generator, device, dtype)
     ts = discrete_time_grid(sde, steps, spacing=spacing, num_train_timesteps=num_train_timesteps,
-                            dtype=x.dtype, device=x.device)
+                            dtype=time_dtype(x.dtype), device=x.device)
     process = ReverseProcess(sde, monitor, eta)
     if eta == 0.0:
         return _run(process.ode_term(), x, ts, monitor, solver=DDIM(clip_x0, eps_from_clipped_x0),
@@ -97,7 +98,7 @@ def sample_ald(score_fn, sde: VESDE, x, *, levels=10, steps_per_level: int = 100
     x, monitor = _start(score_fn, sde, x, generator, device, dtype)
     sigmas = _levels(sde, levels)
     ts = (torch.log(sigmas / sde.sigma_min) / math.log(sde.sigma_max / sde.sigma_min)).clamp(0.0, sde.T)
-    ts = ts.to(dtype=x.dtype, device=x.device)
+    ts = ts.to(dtype=time_dtype(x.dtype), device=x.device)
     corrector = AnnealedLangevin(step_ratio, float(sigmas[-1]), steps_per_level)
     return _run(ReverseProcess(sde, monitor, 1.0).sde_term(), x, ts, monitor, solver=None, corrector=corrector,
                 generator=generator, return_trajectory=return_trajectory, progress=progress)

@@ -18,7 +18,7 @@ import types
 import torch
 
 from . import _checks
-from ._tensors import checksum
+from ._tensors import checksum, time_dtype
 from .integrate import NonFiniteError, Solution, _raise_nonfinite, advance
 from .reverse import ReverseProcess
 from .sampling import DEFAULT_ODE_SOLVER, _solver_grid, blame_score, first_nonfinite
@@ -98,7 +98,7 @@ class _CompiledSampler:
         # dynamo's limit of 8 variants per code object.
         key = (x.device, x.dtype, tuple(x.shape), mode)
         if key not in self._programs:
-            ts = self.ts.to(device=x.device, dtype=x.dtype)
+            ts = self.ts.to(device=x.device, dtype=time_dtype(x.dtype))
             # The coefficients are computed here, eagerly (a multistep solver's are host floats);
             # the traced loop sees them as constants.
             state = self.solver.init(self.term, x, ts) if self.solver.multistep else None

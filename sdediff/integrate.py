@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import _checks
-from ._tensors import checksum, checksum_dtype, finiteness
+from ._tensors import checksum, checksum_dtype, finiteness, time_dtype
 from .solvers.base import ODESolver, SDESolver, get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver, elapsed_time
 from .solvers.langevin import Corrector
@@ -142,7 +142,7 @@ def integrate(term, x: torch.Tensor, ts: torch.Tensor, *, solver, corrector=None
     per-step host sync).
     """
     x = _checks.batched("x", x)
-    ts = check_grid(ts).to(device=x.device, dtype=x.dtype)
+    ts = check_grid(ts).to(device=x.device, dtype=time_dtype(x.dtype))
     term, counter = _counted_term(term)
     if solver is None and corrector is None:
         raise ValueError("give a solver, a corrector, or both")
@@ -232,6 +232,10 @@ def _solve_external(solver, term, field, x, ts, brownian, generator, noise_free_
     if isinstance(solver, TorchdiffeqSolver):
         _checks.real("rtol", rtol, low=0.0, low_open=True)
         _checks.real("atol", atol, low=0.0, low_open=True)
+        eps = torch.finfo(x.dtype).eps
+        if solver.adaptive and rtol < eps:  # the error estimate's round-off alone exceeds it: no step is accepted
+            raise ValueError(f"rtol must be at least the resolution of the state's dtype {x.dtype} ({eps:.2g}) for "
+                             f"the adaptive solver {solver.name!r}, got {rtol}; raise rtol or integrate in a wider dtype")
         return solver.solve(field, x, ts, rtol=rtol, atol=atol)
     last = len(ts) - 2 if noise_free_last_step else len(ts) - 1
     xs = solver.solve(term, x, ts[: last + 1], bm=brownian, generator=generator) if last > 0 else x[None]

@@ -10,11 +10,12 @@ probability-flow ODE; values between interpolate, as DDIM's ``eta`` does in disc
 
 from __future__ import annotations
 
-import torch
-
 import copy
 
+import torch
+
 from . import _checks
+from ._tensors import HALF
 from .sdes import SDE, bcast, check_sde
 from .terms import ODETerm, SDETerm
 
@@ -52,8 +53,14 @@ class ReverseProcess:
         return self.sde.T
 
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``score_fn(x, t)`` with ``t`` broadcast to ``(batch,)`` and its shape checked."""
+        """``score_fn(x, t)`` with ``t`` broadcast to ``(batch,)`` and its shape checked.
+
+        The loops carry times in float32 for half-precision states (:func:`time_dtype`); the score
+        still gets them in the state's dtype, as a half-precision network expects its inputs.
+        """
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
+        if x.dtype in HALF and t.dtype != x.dtype:
+            t = t.to(x.dtype)
         score = self.score_fn(x, t)
         if not isinstance(score, torch.Tensor) or score.shape != x.shape:
             got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__

@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 from .grids import time_grid
-from ._tensors import checksum
+from ._tensors import checksum, time_dtype
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
 from .sdes import SDE, check_sde
@@ -92,9 +92,9 @@ def _solver_grid(sde, solver, steps, default_steps, t_start, t_end, grid, dtype=
 
 
 def _prepare(score_fn, sde, x, solver, steps, default_steps, t_start, t_end, grid, generator, device, dtype):
-    """``_start``, then the time grid (:func:`_solver_grid`) in ``x``'s dtype and device."""
+    """``_start``, then the time grid (:func:`_solver_grid`) on ``x``'s device, in its :func:`time_dtype`."""
     x, monitor = _start(score_fn, sde, x, generator, device, dtype)
-    ts = _solver_grid(sde, solver, steps, default_steps, t_start, t_end, grid, x.dtype, x.device)
+    ts = _solver_grid(sde, solver, steps, default_steps, t_start, t_end, grid, time_dtype(x.dtype), x.device)
     return x, ts, monitor
 
 

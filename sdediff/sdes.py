@@ -22,8 +22,12 @@ from .schedules import DiscreteSchedule, Schedule, make_schedule
 
 
 def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """View a per-sample coefficient ``(batch,)`` (or 0-d) so it broadcasts against ``x``."""
-    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
+    """View a per-sample coefficient ``(batch,)`` so it broadcasts against ``x``; a 0-d one is returned as it is.
+
+    A 0-d coefficient broadcasts already, and, unlike a ``(1, ..., 1)`` view, does not promote
+    ``x`` in type promotion: float32 times (see ``time_dtype``) keep a bfloat16 state bfloat16.
+    """
+    return c if c.dim() == 0 else c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
 def check_sde(sde) -> "SDE":

@@ -243,6 +243,58 @@ def test_half_precision_states_are_checked_in_float32_and_located():
         sd.integrate(sd.ODETerm(lambda x, t: x), torch.full((4, 8), 1e3, dtype=torch.float16), ts, solver="euler")
 
 
+FIXED_STEP_ODE = [name for name, info in sd.available_solvers("ode").items() if not info.adaptive]
+
+
+@pytest.mark.parametrize("solver", FIXED_STEP_ODE)
+@pytest.mark.parametrize("sde", [sd.VPSDE(), sd.VESDE()], ids=["vp", "ve"])
+def test_a_bfloat16_state_stays_bfloat16_on_a_float32_grid(sde, solver):
+    """Times are carried in float32 for half-precision states; their 0-d coefficients must not
+    promote the state, and the score still gets times in the state's dtype."""
+    seen = set()
+
+    def score(y, t):
+        seen.add((y.dtype, t.dtype))
+        return -y / (1.0 + t[:, None])
+
+    x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    sol = sd.sample_ode(score, sde, x, steps=6, solver=solver)
+    assert sol.x.dtype == torch.bfloat16 and sol.ts.dtype == torch.float32
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_a_bfloat16_state_gets_the_full_1000_step_grid():
+    """bfloat16 resolves 2^-8 near t = 1: a 1000-step grid in it repeated times ("the time grid
+    must be ... strictly monotone" from sample_sde's defaults). In float32 it is the grid asked
+    for. (The samples themselves are another matter: a bfloat16 state loses most of a
+    1000-step update of size 1e-3 to rounding, so sample in float32 with a bfloat16 network.)"""
+    sde = sd.VPSDE()
+    x = sde.prior_sample((8, 2), generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    sol = sd.sample_sde(MIXTURE.score_fn(sde), sde, x, generator=torch.Generator().manual_seed(1))
+    assert sol.x.dtype == torch.bfloat16 and bool(torch.isfinite(sol.x).all())
+    torch.testing.assert_close(sol.ts, sd.time_grid(sde, 1000, t_end=1e-3, dtype=torch.float32), rtol=0, atol=0)
+    ddpm = sd.VPSDE.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
+    assert sd.sample_ddpm(MIXTURE.score_fn(ddpm), ddpm, x).x.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("solver", ["srk", "reversible_heun"])
+def test_torchsde_solvers_keep_a_bfloat16_state(solver):
+    sde = sd.VPSDE()
+    x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    sol = sd.sample_sde(lambda y, t: -y, sde, x, steps=6, solver=solver, generator=torch.Generator().manual_seed(1))
+    assert sol.x.dtype == torch.bfloat16 and bool(torch.isfinite(sol.x).all())
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 1e-5), (torch.float32, 1e-8)])
+def test_an_adaptive_tolerance_below_the_dtype_resolution_is_refused(dtype, rtol):
+    """No step could be accepted (torchdiffeq looped, or failed with 'underflow in dt')."""
+    sde = sd.VESDE()
+    x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=dtype)
+    with pytest.raises(ValueError, match=r"rtol must be at least the resolution of .*" + str(dtype).split(".")[1]):
+        sd.sample_ode(lambda y, t: -y, sde, x, solver="dopri5", rtol=rtol)
+    sd.sample_ode(lambda y, t: -y / 2500.0, sde, x, solver="dopri5", rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
 def test_a_state_promoted_to_float64_is_checked_in_float64():
     """x' = 1e300 x in float64 from a float32 start: the state after step 0 (5e299) is finite
     beyond float32's range and must not be flagged; step 1 overflows float64."""

@@ -60,7 +60,8 @@ class _TorchsdeTerm:
 
     def g(self, s, y):
         x, t = self._xt(s, y)
-        return self.term.diffusion(x, t).expand(x.shape).reshape(y.shape)
+        # in the state's dtype: a float32 time (a half-precision state's) must not promote the state
+        return self.term.diffusion(x, t).to(x.dtype).expand(x.shape).reshape(y.shape)
 
     def g_prod(self, s, y, v):
         # Diagonal noise: g @ v is elementwise, also under torchsde's "additive" noise type.
