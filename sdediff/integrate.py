@@ -233,9 +233,14 @@ def _solve_external(solver, term, field, x, ts, brownian, generator, noise_free_
         _checks.real("rtol", rtol, low=0.0, low_open=True)
         _checks.real("atol", atol, low=0.0, low_open=True)
         eps = torch.finfo(x.dtype).eps
-        if solver.adaptive and rtol < eps:  # the error estimate's round-off alone exceeds it: no step is accepted
-            raise ValueError(f"rtol must be at least the resolution of the state's dtype {x.dtype} ({eps:.2g}) for "
-                             f"the adaptive solver {solver.name!r}, got {rtol}; raise rtol or integrate in a wider dtype")
+        if solver.adaptive and rtol < eps:
+            # torchdiffeq accepts a step when the RMS of error / (atol + rtol |x|) is at most 1; the
+            # error estimate's round-off, eps |x|, alone exceeding that means no step is accepted
+            size = x.detach().abs().float()
+            if float(((eps * size / (atol + rtol * size)) ** 2).mean().sqrt()) >= 1.0:  # one sync, before the loop
+                raise ValueError(f"rtol and atol are below the resolution of the state's dtype {x.dtype} (eps "
+                                 f"{eps:.2g}) at its scale for the adaptive solver {solver.name!r}, got rtol={rtol}, "
+                                 f"atol={atol}: raise one of them or integrate in a wider dtype")
         return solver.solve(field, x, ts, rtol=rtol, atol=atol)
     last = len(ts) - 2 if noise_free_last_step else len(ts) - 1
     xs = solver.solve(term, x, ts[: last + 1], bm=brownian, generator=generator) if last > 0 else x[None]

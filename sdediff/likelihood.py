@@ -27,6 +27,7 @@ from typing import Optional
 import torch
 
 from . import _checks
+from ._tensors import time_dtype
 from .integrate import integrate
 from .reverse import ReverseProcess
 from .sampling import _start, sample_ode
@@ -128,7 +129,7 @@ def encode(score_fn, sde: SDE, x: torch.Tensor, *, t_start: float = 1e-5, solver
     """The latent ``z = x_T`` of data ``x`` at ``t_start``, along the probability-flow ODE."""
     x, monitor = _start(score_fn, sde, x, None, None, None)
     t_start = _checks.real("t_start", t_start, low=0.0, high=sde.T, low_open=True, high_open=True)
-    ts = torch.tensor([t_start, sde.T], dtype=x.dtype, device=x.device)
+    ts = torch.tensor([t_start, sde.T], dtype=time_dtype(x.dtype), device=x.device)
     return integrate(ReverseProcess(sde, monitor, 0.0).ode_term(), x, ts, solver=solver, rtol=rtol, atol=atol).x
 
 

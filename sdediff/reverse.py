@@ -55,17 +55,17 @@ class ReverseProcess:
     def score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``score_fn(x, t)`` with ``t`` broadcast to ``(batch,)`` and its shape checked.
 
-        The loops carry times in float32 for half-precision states (:func:`time_dtype`); the score
-        still gets them in the state's dtype, as a half-precision network expects its inputs.
+        For a half-precision state the loops carry times in float32 (bfloat16 cannot even hold the
+        timestep 999 of a discrete model), and ``score_fn`` gets them so: a half-precision network
+        casts its time input itself. Its score is returned in the state's dtype, so that an
+        adapter's float32 ``alpha``, ``sigma`` do not promote the state.
         """
         t = t.expand(x.shape[0]) if t.dim() == 0 else t
-        if x.dtype in HALF and t.dtype != x.dtype:
-            t = t.to(x.dtype)
         score = self.score_fn(x, t)
         if not isinstance(score, torch.Tensor) or score.shape != x.shape:
             got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
             raise ValueError(f"score_fn must return a tensor of the shape of x {tuple(x.shape)}, got {got}")
-        return score
+        return score.to(x.dtype) if x.dtype in HALF else score
 
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``f(x, t) - (1 + s^2)/2 g(t)^2 score(x, t)``; ``x: (batch, *dims)``, ``t``: 0-d or ``(batch,)``."""
@@ -117,7 +117,7 @@ class ReverseProcess:
         return -self.drift(self._unflatten(y), self.T - tau).reshape(y.shape)
 
     def g(self, tau: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return bcast(self.diffusion(self.T - tau), y).expand(y.shape)
+        return bcast(self.diffusion(self.T - tau), y).to(y.dtype).expand(y.shape)
 
     def __repr__(self):
         return f"ReverseProcess({self.sde!r}, stochasticity={self.stochasticity})"

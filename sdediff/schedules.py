@@ -15,7 +15,7 @@ import math
 import torch
 
 from . import _checks
-from ._tensors import moved
+from ._tensors import moved, time_dtype
 
 
 class Schedule:
@@ -157,8 +157,8 @@ class DiscreteSchedule(Schedule):
     def beta(self, t):
         # beta_n on (n/N, (n+1)/N]; a time a few ulps above a knot (the float32 timestep (n+1)/N
         # times N) counts as the knot, so a reverse step from it reads its own interval's beta
-        tn = t * self.N
-        idx = torch.clamp(torch.ceil(tn - 4.0 * torch.finfo(t.dtype).eps * tn.abs()).long() - 1, 0, self.N - 1)
+        tn = t.to(time_dtype(t.dtype)) * self.N  # (a half-precision t is already rounded: no tolerance of its ulps)
+        idx = torch.clamp(torch.ceil(tn - 4.0 * torch.finfo(tn.dtype).eps * tn.abs()).long() - 1, 0, self.N - 1)
         # take, not [idx]: a 0-d index tensor would be read as a Python int (a host sync, and
         # torch.compile cannot trace it)
         return torch.take(self._knots(t)[2], idx)

@@ -65,9 +65,12 @@ class SDE:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        # A parent's fused shortcut would silently ignore a subclass's own f or g^2.
-        own = vars(cls)
-        if ("_drift_coef" in own or "_g2" in own) and "_f_g2" not in own:
+        # A fused shortcut defined further up the MRO than f or g^2 (by a parent, past a mixin)
+        # would silently ignore them.
+        def owner(name):
+            return next(i for i, c in enumerate(cls.__mro__) if name in vars(c))
+
+        if owner("_f_g2") > min(owner("_drift_coef"), owner("_g2")):
             cls._f_g2 = SDE._f_g2
 
     def _log_snr(self, t: torch.Tensor) -> torch.Tensor:

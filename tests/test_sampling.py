@@ -249,8 +249,8 @@ FIXED_STEP_ODE = [name for name, info in sd.available_solvers("ode").items() if 
 @pytest.mark.parametrize("solver", FIXED_STEP_ODE)
 @pytest.mark.parametrize("sde", [sd.VPSDE(), sd.VESDE()], ids=["vp", "ve"])
 def test_a_bfloat16_state_stays_bfloat16_on_a_float32_grid(sde, solver):
-    """Times are carried in float32 for half-precision states; their 0-d coefficients must not
-    promote the state, and the score still gets times in the state's dtype."""
+    """Times are carried in float32 for half-precision states, and the score gets them so; their
+    0-d coefficients must not promote the state."""
     seen = set()
 
     def score(y, t):
@@ -260,7 +260,7 @@ def test_a_bfloat16_state_stays_bfloat16_on_a_float32_grid(sde, solver):
     x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
     sol = sd.sample_ode(score, sde, x, steps=6, solver=solver)
     assert sol.x.dtype == torch.bfloat16 and sol.ts.dtype == torch.float32
-    assert seen == {(torch.bfloat16, torch.bfloat16)}
+    assert seen == {(torch.bfloat16, torch.float32)}
 
 
 def test_a_bfloat16_state_gets_the_full_1000_step_grid():
@@ -273,8 +273,31 @@ def test_a_bfloat16_state_gets_the_full_1000_step_grid():
     sol = sd.sample_sde(MIXTURE.score_fn(sde), sde, x, generator=torch.Generator().manual_seed(1))
     assert sol.x.dtype == torch.bfloat16 and bool(torch.isfinite(sol.x).all())
     torch.testing.assert_close(sol.ts, sd.time_grid(sde, 1000, t_end=1e-3, dtype=torch.float32), rtol=0, atol=0)
+
+
+def test_a_bfloat16_ddpm_calls_the_network_at_its_own_timesteps():
+    """bfloat16 cannot hold 999: a time rounded to it gave a 1000-step model the timesteps 1000,
+    1000, 996, ... The network gets 999, 998, ..., 0, and its float32 alpha, sigma do not promote
+    the state."""
     ddpm = sd.VPSDE.from_betas(torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64))
-    assert sd.sample_ddpm(MIXTURE.score_fn(ddpm), ddpm, x).x.dtype == torch.bfloat16
+    seen = []
+
+    def eps_model(y, n):
+        seen.append(n)
+        return torch.zeros_like(y)
+
+    x = ddpm.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    sol = sd.sample_ddpm(sd.discrete_score_fn(eps_model, ddpm), ddpm, x, generator=torch.Generator().manual_seed(1))
+    assert sol.x.dtype == torch.bfloat16
+    assert torch.equal(torch.stack(seen)[:, 0], torch.arange(999, -1, -1))
+
+
+def test_annealed_langevin_keeps_a_bfloat16_state():
+    sde = sd.VESDE()
+    x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.bfloat16)
+    sol = sd.sample_ald(lambda y, t: -y / (1.0 + t[:, None] ** 2), sde, x, levels=4, steps_per_level=2,
+                        generator=torch.Generator().manual_seed(1))
+    assert sol.x.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("solver", ["srk", "reversible_heun"])
@@ -285,14 +308,21 @@ def test_torchsde_solvers_keep_a_bfloat16_state(solver):
     assert sol.x.dtype == torch.bfloat16 and bool(torch.isfinite(sol.x).all())
 
 
-@pytest.mark.parametrize("dtype, rtol", [(torch.bfloat16, 1e-5), (torch.float32, 1e-8)])
-def test_an_adaptive_tolerance_below_the_dtype_resolution_is_refused(dtype, rtol):
-    """No step could be accepted (torchdiffeq looped, or failed with 'underflow in dt')."""
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.bfloat16, 1e-5, 1e-5), (torch.float32, 1e-8, 1e-9)])
+def test_an_adaptive_tolerance_below_the_dtype_resolution_is_refused(dtype, rtol, atol):
+    """With atol + rtol |x| below the round-off of the error estimate no step could be accepted
+    (torchdiffeq looped, or failed with 'underflow in dt'); an atol above it is met (float32,
+    rtol 1e-8, atol 1e-5 worked and still does)."""
     sde = sd.VESDE()
     x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=dtype)
-    with pytest.raises(ValueError, match=r"rtol must be at least the resolution of .*" + str(dtype).split(".")[1]):
-        sd.sample_ode(lambda y, t: -y, sde, x, solver="dopri5", rtol=rtol)
-    sd.sample_ode(lambda y, t: -y / 2500.0, sde, x, solver="dopri5", rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
+    with pytest.raises(ValueError, match=r"rtol and atol are below the resolution of .*" + str(dtype).split(".")[1]):
+        sd.sample_ode(lambda y, t: -y, sde, x, solver="dopri5", rtol=rtol, atol=atol)
+    if dtype == torch.bfloat16:
+        sd.sample_ode(lambda y, t: -y / 2500.0, sde, x, solver="dopri5", rtol=1e-2, atol=1e-2)
+    else:
+        vp = sd.VPSDE()
+        sd.sample_ode(lambda y, t: -y, vp, vp.prior_sample((4, 2), generator=torch.Generator().manual_seed(0)),
+                      solver="dopri5", rtol=1e-8, atol=1e-5)
 
 
 def test_a_state_promoted_to_float64_is_checked_in_float64():

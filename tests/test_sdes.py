@@ -424,9 +424,17 @@ def test_reverse_drift_follows_a_subclass_that_redefines_f_or_g2():
         def _drift_coef(self, t):
             return torch.zeros_like(t)
 
+    class DoubleNoise:
+        def _g2(self, t):
+            return 2.0 * self.schedule.beta(t)
+
+    class MixedInVP(DoubleNoise, VPSDE):  # the mixin's g^2 precedes VPSDE's fused pair in the MRO
+        pass
+
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     t = _t(0.4)
-    for sde in (DoubleNoiseVP(), NoDriftSubVP()):
+    assert MixedInVP()._g2(t) == DoubleNoiseVP()._g2(t)
+    for sde in (DoubleNoiseVP(), NoDriftSubVP(), MixedInVP()):
         f, g2 = sde._drift_coef(t), sde._g2(t)
         expected = f * x - 0.5 * g2 * (-x)
         torch.testing.assert_close(sde.reverse(lambda y, s: -y, 0.0).drift(x, t), expected, rtol=1e-14, atol=0)

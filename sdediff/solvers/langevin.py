@@ -27,7 +27,8 @@ class Corrector:
     def step(self, process, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """One Langevin step at time ``t`` with the standard normal draw ``z`` (shape of ``x``)."""
         score = process.score(x, t)
-        eps = bcast(self.step_size(process, x, t, score, z), x)
+        # in the state's dtype: a half-precision state's float32 time must not promote it
+        eps = bcast(self.step_size(process, x, t, score, z), x).to(x.dtype)
         return x + eps * score + torch.sqrt(2.0 * eps) * z
 
     def __repr__(self):
