@@ -236,7 +236,7 @@ def _solve_external(solver, term, field, x, ts, brownian, generator, noise_free_
         if solver.adaptive and rtol < eps:
             # torchdiffeq accepts a step when the RMS of error / (atol + rtol |x|) is at most 1; the
             # error estimate's round-off, eps |x|, alone exceeding that means no step is accepted
-            size = x.detach().abs().float()
+            size = x.detach().abs().to(time_dtype(x.dtype))  # (at least float32: half precision would overflow)
             if float(((eps * size / (atol + rtol * size)) ** 2).mean().sqrt()) >= 1.0:  # one sync, before the loop
                 raise ValueError(f"rtol and atol are below the resolution of the state's dtype {x.dtype} (eps "
                                  f"{eps:.2g}) at its scale for the adaptive solver {solver.name!r}, got rtol={rtol}, "
