@@ -29,6 +29,14 @@ def time_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF else dtype
 
 
+def in_state_dtype(score, x: torch.Tensor):
+    """``score`` cast to a half-precision state's dtype (other states keep the score's own dtype).
+
+    Adapters compute with float32 times, and their ``alpha``, ``sigma`` would promote the state.
+    """
+    return score.to(x.dtype) if x.dtype in HALF and isinstance(score, torch.Tensor) else score
+
+
 def checksum_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype :func:`checksum` sums ``dtype`` in: half precision accumulates in float32."""
     return torch.float32 if dtype in HALF else dtype

@@ -18,7 +18,7 @@ import types
 import torch
 
 from . import _checks
-from ._tensors import checksum, time_dtype
+from ._tensors import checksum, in_state_dtype, time_dtype
 from .integrate import NonFiniteError, Solution, _raise_nonfinite, advance
 from .reverse import ReverseProcess
 from .sampling import DEFAULT_ODE_SOLVER, _solver_grid, blame_score, first_nonfinite
@@ -75,7 +75,7 @@ class _CompiledSampler:
         score_fn = self.term.process.score_fn
 
         def recorded(y, t):  # sample_ode's score monitor, traced with the loop
-            score = score_fn(y, t)
+            score = in_state_dtype(score_fn(y, t), y)
             if isinstance(score, torch.Tensor):  # anything else is refused by the process
                 score_sums.append(checksum(score))
             return score

@@ -44,7 +44,11 @@ def _check(model, sde, prediction):
 
 
 def as_score_fn(model, sde: SDE, prediction: str = "eps"):
-    """Turn ``model(x, t)`` predicting ``prediction`` (one of ``PREDICTIONS``) into a ``score_fn``."""
+    """Turn ``model(x, t)`` predicting ``prediction`` (one of ``PREDICTIONS``) into a ``score_fn``.
+
+    For a half-precision state the samplers pass ``t`` in float32: a half-precision ``model``
+    casts it to its own dtype (as :class:`sdediff.nets.TimeMLP` does).
+    """
     _check(model, sde, prediction)
     if prediction == "score":
         return model
@@ -78,7 +82,8 @@ def discrete_score_fn(model, sde: SDE, prediction: str = "eps", *, integer_times
     model's ``alphas_cumprod[n]``; score_sde's ``n = (N - 1) t`` agrees at ``t = 1`` only). With
     ``integer_timesteps`` (default) ``n`` is rounded to the nearest of ``0 .. N-1``, passed as a
     long tensor ``(batch,)``, and the output is converted with that timestep's ``alpha, sigma``;
-    otherwise ``n`` is passed as a float (for networks with continuous time embeddings).
+    otherwise ``n`` is passed as a float (for networks with continuous time embeddings), in float32
+    for a half-precision state.
     """
     _check(model, sde, prediction)
     N = sde.discrete_steps

@@ -15,7 +15,7 @@ import copy
 import torch
 
 from . import _checks
-from ._tensors import HALF
+from ._tensors import in_state_dtype
 from .sdes import SDE, bcast, check_sde
 from .terms import ODETerm, SDETerm
 
@@ -65,7 +65,7 @@ class ReverseProcess:
         if not isinstance(score, torch.Tensor) or score.shape != x.shape:
             got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
             raise ValueError(f"score_fn must return a tensor of the shape of x {tuple(x.shape)}, got {got}")
-        return score.to(x.dtype) if x.dtype in HALF else score
+        return in_state_dtype(score, x)
 
     def drift(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``f(x, t) - (1 + s^2)/2 g(t)^2 score(x, t)``; ``x: (batch, *dims)``, ``t``: 0-d or ``(batch,)``."""

@@ -6,7 +6,7 @@ import torch
 
 from . import _checks
 from .grids import time_grid
-from ._tensors import checksum, time_dtype
+from ._tensors import checksum, in_state_dtype, time_dtype
 from .integrate import NonFiniteError, Solution, integrate
 from .reverse import ReverseProcess
 from .sdes import SDE, check_sde
@@ -35,8 +35,8 @@ class _ScoreMonitor:
         self.score_fn, self._stacked, self._recent = score_fn, [], []
 
     def __call__(self, x, t):
-        score = self.score_fn(x, t)
-        if isinstance(score, torch.Tensor):  # anything else is refused by the caller, which stops the run
+        score = in_state_dtype(self.score_fn(x, t), x)  # as ReverseProcess.score returns it: a float32 score
+        if isinstance(score, torch.Tensor):  # that overflows float16 is the score's failure  # anything else is refused by the caller, which stops the run
             self._recent.append(checksum(score))
             if len(self._recent) == self.chunk:
                 self._stacked.append(torch.stack(self._recent))

@@ -157,6 +157,15 @@ def test_an_overflowing_state_is_not_blamed_on_the_score():
     assert err.value.calls == 5
 
 
+def test_a_float32_score_that_overflows_a_float16_state_is_blamed():
+    """As in sample_ode: the record checks the score cast to the state's dtype."""
+    sde = sdediff.VESDE()
+    x = sde.prior_sample((4, 2), generator=torch.Generator().manual_seed(0), dtype=torch.float16)
+    sampler = CompiledODESampler(lambda y, t: torch.full(y.shape, 1e6), sde, steps=4, solver="euler", backend="eager")
+    with pytest.raises(NonFiniteError, match="after step 0 .*score_fn returned non-finite"):
+        sampler(x)
+
+
 def test_the_sde_sampler_blames_a_failing_score():
     sde = VPSDE()
 
