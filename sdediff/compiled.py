@@ -18,10 +18,10 @@ import types
 import torch
 
 from . import _checks
-from ._tensors import checksum, in_state_dtype, time_dtype
+from ._tensors import checksum, time_dtype
 from .integrate import NonFiniteError, Solution, _raise_nonfinite, advance
 from .reverse import ReverseProcess
-from .sampling import DEFAULT_ODE_SOLVER, _solver_grid, blame_score, first_nonfinite
+from .sampling import DEFAULT_ODE_SOLVER, _ScoreMonitor, _solver_grid, blame_score, first_nonfinite
 from .sdes import SDE, check_sde
 from .solvers.base import get_solver
 from .solvers.external import TorchdiffeqSolver, TorchsdeSolver
@@ -71,22 +71,15 @@ class _CompiledSampler:
     def _loop(self, x, noise, ts, state):
         """``(x at the last time, the state's checksum after each step, each score call's checksum)``."""
         times = ts.unbind()
-        sums, score_sums = [], []
-        score_fn = self.term.process.score_fn
-
-        def recorded(y, t):  # sample_ode's score monitor, traced with the loop
-            score = in_state_dtype(score_fn(y, t), y)
-            if isinstance(score, torch.Tensor):  # anything else is refused by the process
-                score_sums.append(checksum(score))
-            return score
-
-        process = self.term.process.with_score_fn(recorded)
+        sums = []
+        monitor = _ScoreMonitor(self.term.process.score_fn)  # sample_ode's, traced with the loop
+        process = self.term.process.with_score_fn(monitor)
         term = process.ode_term() if self.kind == "ode" else process.sde_term()
         for i in range(len(times) - 1):
             x, state = advance(self.solver, term, x, times[i], times[i + 1], state,
                                self._increment(i, times[i], times[i + 1], noise))
             sums.append(checksum(x))
-        return x, torch.stack(sums), torch.stack(score_sums)
+        return x, torch.stack(sums), monitor.sums()
 
     def _program(self, x: torch.Tensor):
         mode = self.mode

@@ -35,8 +35,9 @@ class _ScoreMonitor:
         self.score_fn, self._stacked, self._recent = score_fn, [], []
 
     def __call__(self, x, t):
-        score = in_state_dtype(self.score_fn(x, t), x)  # as ReverseProcess.score returns it: a float32 score
-        if isinstance(score, torch.Tensor):  # that overflows float16 is the score's failure  # anything else is refused by the caller, which stops the run
+        # checked as ReverseProcess.score returns it: a float32 score that overflows a float16 state failed
+        score = in_state_dtype(self.score_fn(x, t), x)
+        if isinstance(score, torch.Tensor):  # anything else is refused by the caller, which stops the run
             self._recent.append(checksum(score))
             if len(self._recent) == self.chunk:
                 self._stacked.append(torch.stack(self._recent))
@@ -48,10 +49,14 @@ class _ScoreMonitor:
         """The score calls recorded so far."""
         return self.chunk * len(self._stacked) + len(self._recent)
 
+    def sums(self) -> torch.Tensor:
+        """The checksums of all calls so far, ``(calls,)``."""
+        parts = self._stacked + ([torch.stack(self._recent)] if self._recent else [])
+        return torch.cat(parts) if parts else torch.empty(0)
+
     def first_nonfinite(self, since: int = 0) -> int | None:
         """The index, counted from call ``since``, of the first non-finite score; None if all were finite (a host sync)."""
-        sums = self._stacked + ([torch.stack(self._recent)] if self._recent else [])
-        return first_nonfinite(torch.cat(sums)[since:]) if sums else None
+        return first_nonfinite(self.sums()[since:])
 
 
 def first_nonfinite(sums: torch.Tensor) -> int | None:
