@@ -67,6 +67,7 @@ class SDE:
         super().__init_subclass__(**kwargs)
         # A fused shortcut defined further up the MRO than f or g^2 (by a parent, past a mixin)
         # would silently ignore them.
+
         def owner(name):
             return next(i for i, c in enumerate(cls.__mro__) if name in vars(c))
 

@@ -277,8 +277,6 @@ class LMS(_Multistep, ODESolver):
         return _combine(a, x, b, history), (i + 1, history, coeffs)
 
 
-
-
 @register_solver
 class SDEDPMSolverPP2M(_Multistep, SDESolver):
     """SDE-DPM-Solver++(2M) for the reverse SDE (stochasticity 1); strong order 1 for additive noise.
